@@ -1,1 +1,40 @@
-fn main() {}
+//! `bimip`: the server and its tools in one binary.
+
+mod client;
+mod inspect;
+mod serve;
+mod token;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bimip", version, about = "Presence and message-delivery server for chat apps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (HTTP API and WebSocket gateway on one port).
+    Serve(Box<serve::ServeArgs>),
+    /// Mint a JWT for a user (development and testing).
+    Token(token::TokenArgs),
+    /// Connect as a user and send/receive frames, interactively or from a script.
+    Client(client::ClientArgs),
+    /// Print a user's queue and device cursors from the data dir, decoded.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::run(*args)),
+        Command::Token(args) => token::run(args),
+        Command::Client(args) => runtime.block_on(client::run(args)),
+        Command::Inspect(args) => inspect::run(args),
+    }
+}

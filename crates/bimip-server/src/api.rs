@@ -1,0 +1,356 @@
+//! The HTTP side of the server, on the same port as the WebSocket gateway: health, readiness,
+//! Prometheus metrics, the OpenAPI document, and the backend API (API-key protected).
+//! Every error is JSON: `{"error":{"code":"...","message":"..."}}`.
+
+use crate::{
+    auth::api_key_matches,
+    delivery::{self, Refused, SYSTEM_SENDER, SendRequest},
+    gateway,
+    state::Shared,
+};
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine;
+use bimip_proto::v1::{ErrorCode, Partition};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+/// An HTTP error with its JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code: bad_request, unauthorized, forbidden, not_found,
+    /// too_large, rate_limited, unavailable, internal.
+    code: String,
+    /// What went wrong, for humans.
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", m)
+    }
+    pub fn unavailable(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> ApiError {
+        let (status, code) = match r.code {
+            ErrorCode::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+            ErrorCode::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ErrorCode::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ErrorCode::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ErrorCode::Internal | ErrorCode::Unspecified => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, r.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Builds the router for one server.
+pub fn router(state: Shared) -> Router {
+    let body_limit = state.config.max_http_body_bytes;
+    Router::new()
+        .route("/ws", get(gateway::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/messages", post(send_message))
+        .route("/v1/users/{user}/presence", get(user_presence))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "bimip",
+        description = "Presence and message-delivery server for chat apps: HTTP API for app backends. \
+                       Backend routes need `Authorization: Bearer <api key>`. Clients connect with a \
+                       WebSocket to `GET /ws` (see docs/PROTOCOL.md)."
+    ),
+    paths(healthz, readyz, metrics, send_message, user_presence),
+    components(schemas(ErrorBody, ErrorDetail, SendMessageBody, SendMessageReply, PresenceReply)),
+    modifiers(&ApiKeyScheme)
+)]
+struct ApiDoc;
+
+struct ApiKeyScheme;
+
+impl utoipa::Modify for ApiKeyScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The server's API key (--api-key)"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document of this API.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(openapi_doc())
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: accepting connections (false while shutting down).
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "ready"),
+    (status = 503, description = "shutting down", body = ErrorBody)
+))]
+async fn readyz(State(state): State<Shared>) -> Response {
+    if state.is_accepting() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::unavailable("shutting down").into_response()
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// Checks the backend API key.
+fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = state.config.api_key.as_deref() else {
+        return Err(ApiError::forbidden(
+            "the backend API is disabled: start the server with --api-key",
+        ));
+    };
+    match gateway::bearer_token(headers) {
+        Some(given) if api_key_matches(expected, given) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("wrong API key")),
+        None => Err(ApiError::unauthorized(
+            "missing API key: send `Authorization: Bearer <api key>`",
+        )),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn valid_user(user: &str) -> Result<(), ApiError> {
+    bimip_proto::validate_user_id(user).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageBody {
+    /// Sending user; omitted = the system (no copy is kept for a sender).
+    #[serde(default)]
+    from: Option<String>,
+    /// Recipient user id.
+    to: String,
+    /// Message id, unique per sender (a resend with the same id is not stored twice);
+    /// generated when omitted.
+    #[serde(default)]
+    id: Option<String>,
+    /// `chat` (default) or `notification`.
+    #[serde(default)]
+    partition: Option<String>,
+    /// Payload as standard Base64.
+    #[serde(default)]
+    payload: Option<String>,
+    /// Payload as UTF-8 text (instead of `payload`).
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SendMessageReply {
+    id: String,
+    /// Offset of the message in the recipient's queue.
+    offset: u64,
+    /// Unix ms when stored.
+    timestamp: i64,
+    /// True when this id was already stored from this sender (nothing new was stored).
+    duplicate: bool,
+}
+
+/// Send a message or notification as a user or as the system. Same path as a WebSocket send:
+/// stored durably in the recipient's queue, then delivered to its online devices.
+#[utoipa::path(post, path = "/v1/messages", request_body = SendMessageBody,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "stored", body = SendMessageReply),
+        (status = 400, description = "invalid request", body = ErrorBody),
+        (status = 401, description = "missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "payload too large", body = ErrorBody),
+        (status = 503, description = "storage unavailable", body = ErrorBody),
+    ))]
+async fn send_message(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<SendMessageReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    let b: SendMessageBody = parse_json(&body)?;
+    let partition = match b.partition.as_deref() {
+        None | Some("chat") => Partition::Chat,
+        Some("notification") => Partition::Notification,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "partition {other:?}: expected \"chat\" or \"notification\""
+            )));
+        }
+    };
+    let payload = match (b.payload, b.text) {
+        (Some(p), None) => base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .map_err(|e| ApiError::bad_request(format!("payload is not standard Base64: {e}")))?
+            .into(),
+        (None, Some(t)) => t.into_bytes().into(),
+        (None, None) => bytes::Bytes::new(),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give either payload or text, not both"));
+        }
+    };
+    let (from, sender_copy) = match b.from {
+        Some(f) => {
+            valid_user(&f).map_err(|e| ApiError::bad_request(format!("from: {}", e.message)))?;
+            (f, true)
+        }
+        None => (SYSTEM_SENDER.to_string(), false),
+    };
+    let req = SendRequest {
+        from: from.into(),
+        device: "".into(),
+        conn: None,
+        to: b.to,
+        id: b
+            .id
+            .unwrap_or_else(|| format!("http-{:016x}", rand::random::<u64>())),
+        partition,
+        payload,
+        sender_copy,
+    };
+    req.validate(state.config.max_payload_bytes as usize)?;
+    let id = req.id.clone();
+    let ack = delivery::start_send(&state, req).await?.await?;
+    Ok(Json(SendMessageReply {
+        id,
+        offset: ack.offset,
+        timestamp: ack.timestamp,
+        duplicate: ack.duplicate,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PresenceReply {
+    user: String,
+    /// `online` or `offline`.
+    status: String,
+    /// Devices connected now.
+    devices: usize,
+    /// Unix ms when the last device disconnected (0 when not seen since the server started).
+    last_seen: i64,
+}
+
+/// Presence of one user (device-state rollup).
+#[utoipa::path(get, path = "/v1/users/{user}/presence",
+    params(("user" = String, Path, description = "user id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "presence", body = PresenceReply),
+        (status = 400, description = "malformed user id", body = ErrorBody),
+        (status = 401, description = "missing or wrong API key", body = ErrorBody),
+    ))]
+async fn user_presence(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Result<Json<PresenceReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    let p = state.sessions.snapshot(&user);
+    Ok(Json(PresenceReply {
+        user,
+        status: if p.online { "online" } else { "offline" }.into(),
+        devices: p.devices,
+        last_seen: p.last_seen,
+    }))
+}

@@ -1,0 +1,156 @@
+//! Server settings. The CLI fills them from flags, `BIMIP_*` env vars and an optional TOML file
+//! (in that order of precedence); every field has a default so `bimip serve` runs with none.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub use bimip_store::FsyncMode;
+
+/// Everything `run` needs besides the listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (HTTP and WebSocket share it).
+    pub listen: String,
+    /// Root of the embedded file store.
+    pub data_dir: PathBuf,
+    /// Name of this node, reported in `Welcome`.
+    pub node: String,
+    pub jwt: JwtConfig,
+    /// API key for the backend HTTP routes; without one those routes answer 403.
+    pub api_key: Option<String>,
+    pub fsync: FsyncMode,
+    /// Server WebSocket ping interval; a connection silent for two intervals is closed.
+    pub heartbeat_ms: u32,
+    /// Largest WebSocket frame accepted; bigger ones close the connection with 1009.
+    pub max_frame_bytes: u32,
+    /// Largest message payload accepted.
+    pub max_payload_bytes: u32,
+    /// Frames that may wait in one connection's outbound buffer before it is closed as slow (1013).
+    pub outbox_frames: usize,
+    /// Requests of one connection processed concurrently (pipelined sends).
+    pub max_inflight: usize,
+    /// Largest HTTP request body accepted.
+    pub max_http_body_bytes: usize,
+    pub store: StoreSettings,
+    /// Repair mid-file store corruption at start-up instead of refusing to start.
+    pub repair: bool,
+}
+
+/// How tokens are verified. Exactly one key source must be set (SPEC §7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// HS256 shared secret.
+    pub secret: Option<String>,
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key.
+    pub public_key: Option<PathBuf>,
+    /// JWKS file (RS256/ES256 keys, chosen by `kid`).
+    pub jwks: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+}
+
+/// Tuning of the embedded file store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Writer threads; users are spread over them by hash.
+    pub shards: usize,
+    /// Upper bound of open file descriptors held by the store (LRU).
+    pub max_open_files: usize,
+    /// Users whose queues are kept decoded in memory (LRU); others are read from disk on demand.
+    pub cache_users: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            shards: 4,
+            max_open_files: 1024,
+            cache_users: 100_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./data"),
+            node: "bimip-1".into(),
+            jwt: JwtConfig::default(),
+            api_key: None,
+            fsync: FsyncMode::Batch,
+            heartbeat_ms: 20_000,
+            max_frame_bytes: 64 * 1024,
+            max_payload_bytes: 32 * 1024,
+            outbox_frames: 256,
+            max_inflight: 64,
+            max_http_body_bytes: 256 * 1024,
+            store: StoreSettings::default(),
+            repair: false,
+        }
+    }
+}
+
+/// A setting that makes the server unable to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no JWT key: set --jwt-secret, --jwt-public-key or --jwt-jwks (or run with --dev for a throwaway one)"
+    )]
+    NoJwtKey,
+    #[error("more than one JWT key source is set; choose one of --jwt-secret, --jwt-public-key, --jwt-jwks")]
+    ManyJwtKeys,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Checks the settings that cannot be defaulted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sources = [
+            self.jwt.secret.is_some(),
+            self.jwt.public_key.is_some(),
+            self.jwt.jwks.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        match sources {
+            0 => return Err(ConfigError::NoJwtKey),
+            1 => {}
+            _ => return Err(ConfigError::ManyJwtKeys),
+        }
+        if self.jwt.secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "--jwt-secret must be at least 16 bytes".into(),
+            ));
+        }
+        if self.heartbeat_ms < 50 {
+            return Err(ConfigError::Invalid("heartbeat_ms must be >= 50".into()));
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(ConfigError::Invalid("max_frame_bytes must be >= 1024".into()));
+        }
+        if self.max_payload_bytes >= self.max_frame_bytes {
+            return Err(ConfigError::Invalid(
+                "max_payload_bytes must be smaller than max_frame_bytes".into(),
+            ));
+        }
+        if self.outbox_frames < 8 || self.max_inflight == 0 || self.store.shards == 0 {
+            return Err(ConfigError::Invalid(
+                "outbox_frames must be >= 8, max_inflight and store.shards >= 1".into(),
+            ));
+        }
+        if self.store.max_open_files < 2 * self.store.shards {
+            return Err(ConfigError::Invalid(
+                "store.max_open_files must be at least 2 per shard".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,511 @@
+//! One task per WebSocket connection: it owns the socket and `select!`s over incoming frames,
+//! its bounded outbox (frames routed to it by others), the answers of its in-flight requests and
+//! the heartbeat timer. Requests are pipelined (up to `max_inflight`) and answered in order.
+
+use crate::{
+    delivery::{self, Refused, SendRequest},
+    fanout,
+    sessions::{ConnHandle, ConnSignal, Disconnect, Outbound},
+    state::Shared,
+};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bimip_proto::{
+    Body,
+    codec::{Codec, Encoded, salvage_json_ref},
+    v1::{self, ErrorCode, Frame, Partition, Status},
+};
+use bimip_store::{QueueStore, ReadRequest};
+use futures_util::{
+    SinkExt, StreamExt,
+    future::BoxFuture,
+    stream::FuturesOrdered,
+};
+use std::{sync::Arc, time::Duration};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+
+/// Who is on the other end of a connection.
+pub struct ConnIdent {
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    pub codec: Codec,
+    pub session: String,
+}
+
+/// Most frames written to the socket before one flush.
+const WRITE_BATCH: usize = 64;
+const RESUME_DEFAULT_LIMIT: u32 = 100;
+const RESUME_MAX_LIMIT: u32 = 1000;
+
+/// Why the loop ended.
+enum End {
+    /// The peer closed or the socket failed; nothing more to send.
+    Gone,
+    /// We close with this code and reason.
+    Close(u16, &'static str),
+}
+
+type Answer = BoxFuture<'static, Vec<Frame>>;
+
+struct Conn {
+    state: Shared,
+    socket: WebSocket,
+    id: ConnIdent,
+    conn_id: u64,
+    inflight: FuturesOrdered<Answer>,
+    last_rx: Instant,
+    last_ping: Instant,
+}
+
+pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
+    let conn_id = state.next_conn_id();
+    let (tx, rx) = mpsc::channel(state.config.outbox_frames);
+    let signal = Arc::new(ConnSignal::default());
+    state.metrics.connections.inc();
+    state.metrics.connections_total.inc();
+    let now = Instant::now();
+    let mut conn = Conn {
+        state: state.clone(),
+        socket,
+        id: ident,
+        conn_id,
+        inflight: FuturesOrdered::new(),
+        last_rx: now,
+        last_ping: now,
+    };
+    let end = conn.start(tx, rx, signal).await;
+    if let End::Close(code, reason) = end {
+        let _ = conn
+            .socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    }
+    if state
+        .sessions
+        .unregister(&conn.id.user, conn_id)
+        .is_some()
+    {
+        state.metrics.users_online.dec();
+    }
+    state.metrics.connections.dec();
+    tracing::debug!(user = %conn.id.user, device = %conn.id.device, "connection closed");
+}
+
+impl Conn {
+    async fn start(
+        &mut self,
+        tx: mpsc::Sender<Arc<Outbound>>,
+        rx: mpsc::Receiver<Arc<Outbound>>,
+        signal: Arc<ConnSignal>,
+    ) -> End {
+        let cfg = &self.state.config;
+        let welcome = Frame::with(
+            0,
+            Body::Welcome(v1::Welcome {
+                user: self.id.user.to_string(),
+                device: self.id.device.to_string(),
+                session: self.id.session.clone(),
+                server_time: bimip_proto::now_ms(),
+                heartbeat_ms: cfg.heartbeat_ms,
+                max_frame_bytes: cfg.max_frame_bytes,
+                node: cfg.node.clone(),
+            }),
+        );
+        if self.write_now(&welcome).await.is_err() {
+            return End::Gone;
+        }
+        // Registered before reading what is pending, so nothing stored meanwhile is missed.
+        let handle = ConnHandle {
+            id: self.conn_id,
+            device: self.id.device.clone(),
+            tx,
+            signal: signal.clone(),
+        };
+        if self.state.sessions.register(&self.id.user, handle) {
+            self.state.metrics.users_online.inc();
+        }
+        match self
+            .state
+            .store
+            .pending(&self.id.user, &self.id.device)
+            .await
+        {
+            Ok(pending) => {
+                for f in fanout::frames(pending) {
+                    if self.write(&f).await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                if self.socket.flush().await.is_err() {
+                    return End::Gone;
+                }
+            }
+            Err(e) => {
+                let r = Refused::from(e);
+                let _ = self.write_now(&Frame::error(0, r.code, r.message)).await;
+            }
+        }
+        self.run_loop(rx, signal).await
+    }
+
+    async fn run_loop(
+        &mut self,
+        mut rx: mpsc::Receiver<Arc<Outbound>>,
+        signal: Arc<ConnSignal>,
+    ) -> End {
+        let heartbeat = Duration::from_millis(self.state.config.heartbeat_ms as u64);
+        let max_inflight = self.state.config.max_inflight;
+        loop {
+            // Next timer event: the next ping, or the moment the peer counts as gone.
+            let deadline = (self.last_ping + heartbeat).min(self.last_rx + 2 * heartbeat);
+            tokio::select! {
+                why = signal.closed() => {
+                    if why == Disconnect::Slow {
+                        self.state.metrics.slow_consumers.inc();
+                    }
+                    return End::Close(why.code(), why.reason());
+                }
+                msg = self.socket.recv(), if self.inflight.len() < max_inflight => {
+                    let Some(msg) = msg else { return End::Gone };
+                    self.last_rx = Instant::now();
+                    match msg {
+                        Ok(Message::Binary(data)) => {
+                            let decoded = self.id.codec.decode_binary(&data);
+                            let r = salvage_binary_ref(&data);
+                            if let Err(end) = self.on_frame(decoded, r).await {
+                                return end;
+                            }
+                        }
+                        Ok(Message::Text(text)) => {
+                            let decoded = self.id.codec.decode_text(text.as_str());
+                            let r = salvage_json_ref(text.as_str());
+                            if let Err(end) = self.on_frame(decoded, r).await {
+                                return end;
+                            }
+                        }
+                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                        Ok(Message::Close(_)) => return End::Gone,
+                        Err(e) => return read_error(e),
+                    }
+                }
+                Some(out) = rx.recv() => {
+                    if self.feed(&out).await.is_err() {
+                        return End::Gone;
+                    }
+                    let mut n = 1;
+                    while n < WRITE_BATCH {
+                        let Ok(out) = rx.try_recv() else { break };
+                        if self.feed(&out).await.is_err() {
+                            return End::Gone;
+                        }
+                        n += 1;
+                    }
+                    if self.socket.flush().await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                Some(frames) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    for f in &frames {
+                        if self.write(f).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    if self.socket.flush().await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    if now >= self.last_rx + 2 * heartbeat {
+                        tracing::debug!(user = %self.id.user, "heartbeat timeout");
+                        return End::Close(1001, "heartbeat timeout");
+                    }
+                    if now >= self.last_ping + heartbeat {
+                        self.last_ping = now;
+                        if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one decoded (or undecodable) frame. `Err` ends the connection.
+    async fn on_frame(
+        &mut self,
+        decoded: Result<Frame, bimip_proto::DecodeError>,
+        salvaged_ref: u64,
+    ) -> Result<(), End> {
+        let frame = match decoded {
+            Ok(f) => f,
+            Err(e) => {
+                self.state.metrics.frame_in("invalid");
+                return self
+                    .answer_now(Frame::error(salvaged_ref, ErrorCode::BadRequest, e.to_string()))
+                    .await;
+            }
+        };
+        self.state.metrics.frame_in(frame.kind());
+        let r = frame.r#ref;
+        let Some(body) = frame.body else {
+            return Ok(());
+        };
+        match body {
+            Body::Message(m) => {
+                let req = SendRequest {
+                    from: self.id.user.clone(),
+                    device: self.id.device.clone(),
+                    conn: Some(self.conn_id),
+                    to: m.to,
+                    id: m.id,
+                    partition: match Partition::try_from(m.partition) {
+                        Ok(Partition::Unspecified) => Partition::Chat,
+                        Ok(p) => p,
+                        Err(_) => Partition::Unspecified,
+                    },
+                    payload: m.payload,
+                    sender_copy: true,
+                };
+                if let Err(e) = req.validate(self.state.config.max_payload_bytes as usize) {
+                    return self.refuse(r, e).await;
+                }
+                match delivery::start_send(&self.state, req).await {
+                    Ok(fut) => self.inflight.push_back(Box::pin(async move {
+                        vec![match fut.await {
+                            Ok(ack) => Frame::with(r, Body::Ack(ack)),
+                            Err(e) => Frame::error(r, e.code, e.message),
+                        }]
+                    })),
+                    Err(e) => return self.refuse(r, e).await,
+                }
+            }
+            Body::Receipt(receipt) => {
+                let (state, user, device) =
+                    (self.state.clone(), self.id.user.clone(), self.id.device.clone());
+                self.inflight.push_back(Box::pin(async move {
+                    match delivery::receipt(&state, &user, &device, receipt).await {
+                        Ok(next) if r != 0 => vec![Frame::with(
+                            r,
+                            Body::Ack(v1::Ack {
+                                offset: next,
+                                timestamp: bimip_proto::now_ms(),
+                                ..Default::default()
+                            }),
+                        )],
+                        Ok(_) => vec![],
+                        Err(e) => vec![Frame::error(r, e.code, e.message)],
+                    }
+                }));
+            }
+            Body::Awareness(a) => return self.on_awareness(r, a).await,
+            Body::Ping(p) => {
+                return self
+                    .answer_now(Frame::with(
+                        r,
+                        Body::Pong(v1::Pong {
+                            timestamp: p.timestamp,
+                        }),
+                    ))
+                    .await;
+            }
+            Body::Pong(_) => {}
+            Body::Subscribe(_) | Body::PushToken(_) => {
+                return self
+                    .refuse(
+                        r,
+                        Refused::new(
+                            ErrorCode::Unavailable,
+                            "this frame kind is not enabled on this server version",
+                        ),
+                    )
+                    .await;
+            }
+            Body::Welcome(_) | Body::Ack(_) | Body::Batch(_) | Body::Summary(_) | Body::Error(_) => {
+                return self
+                    .refuse(r, Refused::bad("this frame kind is sent by the server only"))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_awareness(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
+        match Status::try_from(a.status) {
+            Ok(Status::Resume) => self.resume(r, a).await,
+            Ok(Status::Online) => Ok(()),
+            Ok(Status::Unspecified) | Err(_) => {
+                self.refuse(r, Refused::bad("awareness status is missing or unknown"))
+                    .await
+            }
+            Ok(Status::Offline) => {
+                self.refuse(
+                    r,
+                    Refused::bad("OFFLINE is set by the server when the last device disconnects"),
+                )
+                .await
+            }
+            Ok(_) => {
+                self.refuse(
+                    r,
+                    Refused::new(
+                        ErrorCode::Unavailable,
+                        "this awareness status is not enabled on this server version",
+                    ),
+                )
+                .await
+            }
+        }
+    }
+
+    /// RESUME (status 8): every chat message from the peer past this device's cursor (or
+    /// `from_offset`), in batches of at most `limit`, until none remain.
+    async fn resume(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
+        if let Err(e) = bimip_proto::validate_user_id(&a.to) {
+            return self
+                .refuse(r, Refused::bad(format!("RESUME needs the peer in `to`: {e}")))
+                .await;
+        }
+        // Answers to earlier requests (sends, receipts) go first: a RESUME after a receipt must
+        // see the receipt applied.
+        self.drain_inflight().await?;
+        let limit = match a.limit {
+            0 => RESUME_DEFAULT_LIMIT,
+            l => l.min(RESUME_MAX_LIMIT),
+        } as usize;
+        let mut start = (a.from_offset > 0).then_some(a.from_offset);
+        loop {
+            let page = self
+                .state
+                .store
+                .read(
+                    &self.id.user,
+                    ReadRequest {
+                        device: self.id.device.to_string(),
+                        partition: Partition::Chat,
+                        peer: Some(a.to.clone()),
+                        start,
+                        limit,
+                    },
+                )
+                .await;
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => return self.refuse(r, Refused::from(e)).await,
+            };
+            let more = page.more;
+            let frame = Frame::with(
+                r,
+                Body::Batch(v1::Batch {
+                    partition: Partition::Chat as i32,
+                    contact: a.to.clone(),
+                    messages: page.items.iter().map(|i| i.to_message()).collect(),
+                    more,
+                    next_offset: page.next_offset,
+                    receipts: vec![],
+                }),
+            );
+            self.answer_now(frame).await?;
+            if !more {
+                return Ok(());
+            }
+            start = Some(page.next_offset);
+        }
+    }
+
+    async fn drain_inflight(&mut self) -> Result<(), End> {
+        while let Some(frames) = self.inflight.next().await {
+            for f in &frames {
+                self.write(f).await.map_err(|_| End::Gone)?;
+            }
+        }
+        self.socket.flush().await.map_err(|_| End::Gone)
+    }
+
+    async fn refuse(&mut self, r: u64, e: Refused) -> Result<(), End> {
+        self.answer_now(Frame::error(r, e.code, e.message)).await
+    }
+
+    /// Sends a frame now, after the answers of requests still in flight (answers keep request
+    /// order).
+    async fn answer_now(&mut self, frame: Frame) -> Result<(), End> {
+        if let Some(Body::Error(e)) = &frame.body {
+            self.state.metrics.frame_error(error_label(e.code));
+        }
+        if self.inflight.is_empty() {
+            return self.write_now(&frame).await.map_err(|_| End::Gone);
+        }
+        self.inflight
+            .push_back(Box::pin(std::future::ready(vec![frame])));
+        Ok(())
+    }
+
+    fn message(&self, frame: &Frame) -> Message {
+        to_ws(self.id.codec.encode(frame))
+    }
+
+    async fn write(&mut self, frame: &Frame) -> Result<(), axum::Error> {
+        let m = self.message(frame);
+        self.socket.feed(m).await
+    }
+
+    async fn write_now(&mut self, frame: &Frame) -> Result<(), axum::Error> {
+        let m = self.message(frame);
+        self.socket.send(m).await
+    }
+
+    async fn feed(&mut self, out: &Outbound) -> Result<(), axum::Error> {
+        let m = to_ws(out.encoded(self.id.codec).clone());
+        self.socket.feed(m).await
+    }
+}
+
+fn to_ws(e: Encoded) -> Message {
+    match e {
+        Encoded::Binary(b) => Message::Binary(b),
+        Encoded::Text(t) => Message::Text(t.into()),
+    }
+}
+
+fn read_error(e: axum::Error) -> End {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(c)) => {
+            tracing::debug!(error = %c, "frame over the size limit");
+            End::Close(1009, "frame too large")
+        }
+        Some(tungstenite::Error::Protocol(_)) => End::Close(1002, "protocol error"),
+        _ => End::Gone,
+    }
+}
+
+/// The `ref` of an undecodable binary frame, if its first field can still be read.
+fn salvage_binary_ref(data: &[u8]) -> u64 {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RefOnly {
+        #[prost(uint64, tag = "1")]
+        r#ref: u64,
+    }
+    <RefOnly as prost::Message>::decode(data)
+        .map(|f| f.r#ref)
+        .unwrap_or(0)
+}
+
+fn error_label(code: i32) -> &'static str {
+    match ErrorCode::try_from(code) {
+        Ok(ErrorCode::BadRequest) => "bad_request",
+        Ok(ErrorCode::Unauthorized) => "unauthorized",
+        Ok(ErrorCode::Forbidden) => "forbidden",
+        Ok(ErrorCode::NotFound) => "not_found",
+        Ok(ErrorCode::RateLimited) => "rate_limited",
+        Ok(ErrorCode::TooLarge) => "too_large",
+        Ok(ErrorCode::Unavailable) => "unavailable",
+        Ok(ErrorCode::Internal) => "internal",
+        _ => "unspecified",
+    }
+}

@@ -1,0 +1,96 @@
+//! `GET /ws`: authenticates the upgrade request (before any WebSocket exists), picks the codec
+//! from the subprotocol and hands the socket to [`crate::conn`].
+
+use crate::{
+    api::ApiError,
+    auth::AuthError,
+    conn::{self, ConnIdent},
+    state::Shared,
+};
+use axum::{
+    extract::{
+        Query, State,
+        ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+    },
+    http::{HeaderMap, header::AUTHORIZATION},
+    response::{IntoResponse, Response},
+};
+use bimip_proto::codec::{Codec, SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Read buffer per connection. tungstenite's 128 KiB default is zero-filled on first read and
+/// would cost ~130 KB of RSS per idle connection; larger frames still work (the buffer grows).
+const READ_BUFFER: usize = 1024;
+
+#[derive(Deserialize, Default)]
+pub struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+pub async fn upgrade(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<WsQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !state.is_accepting() {
+        return ApiError::unavailable("server is shutting down").into_response();
+    }
+    let token = bearer(&headers).or(q.token.as_deref());
+    let identity = match token
+        .ok_or(AuthError::Missing)
+        .and_then(|t| state.verifier.verify(t))
+    {
+        Ok(id) => id,
+        Err(e) => {
+            state.metrics.auth_failures.inc();
+            tracing::debug!(error = %e, "upgrade refused");
+            return ApiError::unauthorized(e.to_string()).into_response();
+        }
+    };
+    let device = match identity.device.or(q.device) {
+        Some(d) => {
+            if let Err(e) = bimip_proto::validate_device_id(&d) {
+                return ApiError::bad_request(format!("invalid device: {e}")).into_response();
+            }
+            d
+        }
+        None => format!("dev-{:016x}", rand::random::<u64>()),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::bad_request(format!("not a WebSocket upgrade: {e}")).into_response();
+        }
+    };
+    let max = state.config.max_frame_bytes as usize;
+    let ws = ws
+        .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max);
+    let codec = Codec::from_subprotocol(
+        ws.selected_protocol()
+            .and_then(|p| p.to_str().ok()),
+    );
+    let ident = ConnIdent {
+        user: Arc::from(identity.user),
+        device: Arc::from(device),
+        codec,
+        session: format!("{:016x}", rand::random::<u64>()),
+    };
+    ws.on_upgrade(move |socket| conn::run(state, socket, ident))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Shared by the HTTP API: the bearer token of a request.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    bearer(headers)
+}

@@ -1,0 +1,157 @@
+//! Prometheus metrics, rendered at `GET /metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// All counters of one server. Cheap to update from any task (atomics).
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub users_online: Gauge,
+    pub auth_failures: Counter,
+    pub frames_in: Family<KindLabel, Counter>,
+    pub frame_errors: Family<KindLabel, Counter>,
+    pub messages_stored: Counter,
+    pub messages_duplicate: Counter,
+    pub messages_delivered: Counter,
+    pub receipts_routed: Counter,
+    pub slow_consumers: Counter,
+    pub fsync_seconds: Histogram,
+    pub fsync_batch_appends: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("bimip");
+        let m = Metrics {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            users_online: Gauge::default(),
+            auth_failures: Counter::default(),
+            frames_in: Family::default(),
+            frame_errors: Family::default(),
+            messages_stored: Counter::default(),
+            messages_duplicate: Counter::default(),
+            messages_delivered: Counter::default(),
+            receipts_routed: Counter::default(),
+            slow_consumers: Counter::default(),
+            // 50 µs .. ~1.6 s
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            fsync_batch_appends: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "users_online",
+            "Users with at least one connected device",
+            m.users_online.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Upgrades refused for a bad, expired or missing token",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "Frames received, by body kind",
+            m.frames_in.clone(),
+        );
+        registry.register(
+            "frame_errors",
+            "Error frames sent, by error code",
+            m.frame_errors.clone(),
+        );
+        registry.register(
+            "messages_stored",
+            "Messages stored in a recipient's queue",
+            m.messages_stored.clone(),
+        );
+        registry.register(
+            "messages_duplicate",
+            "Sends answered as duplicates (same sender and id)",
+            m.messages_duplicate.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Message frames handed to online devices in real time",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "receipts_routed",
+            "Receipts sent to or queued for original senders",
+            m.receipts_routed.clone(),
+        );
+        registry.register(
+            "slow_consumers",
+            "Connections closed because their outbound buffer was full",
+            m.slow_consumers.clone(),
+        );
+        registry.register(
+            "store_fsync_seconds",
+            "Duration of one store fsync round",
+            m.fsync_seconds.clone(),
+        );
+        registry.register(
+            "store_fsync_batch_appends",
+            "Appends covered by one fsync round (group commit)",
+            m.fsync_batch_appends.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn frame_in(&self, kind: &'static str) {
+        self.frames_in.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn frame_error(&self, kind: &'static str) {
+        self.frame_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+}
+
+/// Feeds store timings into the metrics.
+pub struct StoreMetrics(pub std::sync::Arc<Metrics>);
+
+impl bimip_store::StoreObserver for StoreMetrics {
+    fn fsync(&self, took: Duration, appends: usize) {
+        self.0.fsync_seconds.observe(took.as_secs_f64());
+        self.0.fsync_batch_appends.observe(appends as f64);
+    }
+}

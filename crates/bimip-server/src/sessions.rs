@@ -1,0 +1,360 @@
+//! Who is connected: user → devices → connection handles, sharded by user so that no single lock
+//! serializes the server. Also the multi-device rollup of SPEC §2: a user is ONLINE while any
+//! device is connected and OFFLINE (with `last_seen`) when the last one goes.
+//!
+//! Locks here are `std::sync::Mutex`es held only for map updates and non-blocking `try_send`s,
+//! never across an `.await`.
+
+use bimip_proto::{
+    codec::{Codec, Encoded},
+    v1::Frame,
+};
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU16, Ordering},
+    },
+};
+use tokio::sync::{Notify, broadcast, mpsc};
+
+const SHARDS: usize = 64;
+
+/// A frame on its way to one or more connections, encoded at most once per codec no matter how
+/// many connections it goes to.
+pub struct Outbound {
+    pub frame: Frame,
+    binary: OnceLock<Encoded>,
+    json: OnceLock<Encoded>,
+}
+
+impl Outbound {
+    pub fn new(frame: Frame) -> Arc<Outbound> {
+        Arc::new(Outbound {
+            frame,
+            binary: OnceLock::new(),
+            json: OnceLock::new(),
+        })
+    }
+
+    pub fn encoded(&self, codec: Codec) -> &Encoded {
+        let cell = match codec {
+            Codec::Binary => &self.binary,
+            Codec::Json => &self.json,
+        };
+        cell.get_or_init(|| codec.encode(&self.frame))
+    }
+}
+
+/// Why the server ends a connection; each maps to a WebSocket close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// Server shutting down (1001).
+    Shutdown,
+    /// The outbound buffer filled up: the device could not keep up (1013).
+    Slow,
+    /// Kicked by the backend (1008).
+    Kicked,
+}
+
+impl Disconnect {
+    pub fn code(self) -> u16 {
+        match self {
+            Disconnect::Shutdown => 1001,
+            Disconnect::Slow => 1013,
+            Disconnect::Kicked => 1008,
+        }
+    }
+    pub fn reason(self) -> &'static str {
+        match self {
+            Disconnect::Shutdown => "server shutting down",
+            Disconnect::Slow => "slow consumer: outbound buffer full, RESUME to catch up",
+            Disconnect::Kicked => "kicked",
+        }
+    }
+    fn from_code(code: u16) -> Option<Disconnect> {
+        match code {
+            1001 => Some(Disconnect::Shutdown),
+            1013 => Some(Disconnect::Slow),
+            1008 => Some(Disconnect::Kicked),
+            _ => None,
+        }
+    }
+}
+
+/// State a connection shares with the registry: a way to be told to close.
+#[derive(Default)]
+pub struct ConnSignal {
+    notify: Notify,
+    reason: AtomicU16,
+}
+
+impl ConnSignal {
+    /// Asks the connection to close; the first reason wins.
+    pub fn close(&self, why: Disconnect) {
+        if self
+            .reason
+            .compare_exchange(0, why.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+    /// Resolves when `close` was called; returns why.
+    pub async fn closed(&self) -> Disconnect {
+        loop {
+            if let Some(d) = Disconnect::from_code(self.reason.load(Ordering::Acquire)) {
+                return d;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The registry's handle on one connection.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub device: Arc<str>,
+    pub tx: mpsc::Sender<Arc<Outbound>>,
+    pub signal: Arc<ConnSignal>,
+}
+
+#[derive(Default)]
+struct UserEntry {
+    conns: Vec<ConnHandle>,
+    /// Unix ms when the last device went away (0 = never seen since start).
+    last_seen: i64,
+}
+
+/// A change of a user's device-state rollup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub user: Arc<str>,
+    pub online: bool,
+    /// When it happened (unix ms); for OFFLINE this is the user's `last_seen`.
+    pub at: i64,
+}
+
+/// Current rollup of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceSnapshot {
+    pub online: bool,
+    pub devices: usize,
+    pub last_seen: i64,
+}
+
+type Shard = Mutex<HashMap<Arc<str>, UserEntry>>;
+
+pub struct Sessions {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    events: broadcast::Sender<PresenceEvent>,
+}
+
+/// Result of delivering a frame to a user's devices.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub devices: usize,
+    /// Devices whose buffer was full; they are being disconnected and will RESUME.
+    pub slow: usize,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sessions {
+    pub fn new() -> Sessions {
+        Sessions {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            events: broadcast::channel(4096).0,
+        }
+    }
+
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, UserEntry>> {
+        let i = self.hasher.hash_one(user) as usize % SHARDS;
+        // A poisoned shard only means another thread panicked mid-update of plain data.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Presence changes (first device connected / last one gone), for watchers and webhooks.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.events.subscribe()
+    }
+
+    /// Adds a connection. Returns true when it is the user's first device (user went ONLINE).
+    pub fn register(&self, user: &Arc<str>, conn: ConnHandle) -> bool {
+        let first = {
+            let mut shard = self.shard(user);
+            let entry = shard.entry(user.clone()).or_default();
+            entry.conns.push(conn);
+            entry.conns.len() == 1
+        };
+        if first {
+            let _ = self.events.send(PresenceEvent {
+                user: user.clone(),
+                online: true,
+                at: bimip_proto::now_ms(),
+            });
+        }
+        first
+    }
+
+    /// Removes a connection. Returns `Some(last_seen)` when it was the user's last device.
+    pub fn unregister(&self, user: &Arc<str>, conn_id: u64) -> Option<i64> {
+        let now = bimip_proto::now_ms();
+        let last = {
+            let mut shard = self.shard(user);
+            let entry = shard.get_mut(user)?;
+            let before = entry.conns.len();
+            entry.conns.retain(|c| c.id != conn_id);
+            if before > 0 && entry.conns.is_empty() {
+                entry.last_seen = now;
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            let _ = self.events.send(PresenceEvent {
+                user: user.clone(),
+                online: false,
+                at: now,
+            });
+            Some(now)
+        } else {
+            None
+        }
+    }
+
+    /// Sends `frame` to every connection of `user` except `except` (a connection id). A
+    /// connection whose buffer is full is told to close as slow: its items stay queued in the
+    /// store for RESUME, so nothing is lost.
+    pub fn deliver(&self, user: &str, frame: &Arc<Outbound>, except: Option<u64>) -> Delivered {
+        let mut d = Delivered::default();
+        let shard = self.shard(user);
+        let Some(entry) = shard.get(user) else {
+            return d;
+        };
+        for conn in entry.conns.iter().filter(|c| Some(c.id) != except) {
+            match conn.tx.try_send(frame.clone()) {
+                Ok(()) => d.devices += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    conn.signal.close(Disconnect::Slow);
+                    d.slow += 1;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        d
+    }
+
+    pub fn snapshot(&self, user: &str) -> PresenceSnapshot {
+        let shard = self.shard(user);
+        match shard.get(user) {
+            Some(e) => PresenceSnapshot {
+                online: !e.conns.is_empty(),
+                devices: e.conns.len(),
+                last_seen: e.last_seen,
+            },
+            None => PresenceSnapshot {
+                online: false,
+                devices: 0,
+                last_seen: 0,
+            },
+        }
+    }
+
+    pub fn is_online(&self, user: &str) -> bool {
+        self.shard(user).get(user).is_some_and(|e| !e.conns.is_empty())
+    }
+
+    /// Asks every connection to close (shutdown).
+    pub fn close_all(&self, why: Disconnect) {
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in shard.values() {
+                for c in &entry.conns {
+                    c.signal.close(why);
+                }
+            }
+        }
+    }
+
+    /// Asks the connections of one user (optionally one device) to close.
+    pub fn kick(&self, user: &str, device: Option<&str>, why: Disconnect) -> usize {
+        let shard = self.shard(user);
+        let Some(entry) = shard.get(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in entry
+            .conns
+            .iter()
+            .filter(|c| device.is_none_or(|d| &*c.device == d))
+        {
+            c.signal.close(why);
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: u64, cap: usize) -> (ConnHandle, mpsc::Receiver<Arc<Outbound>>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            ConnHandle {
+                id,
+                device: format!("d{id}").into(),
+                tx,
+                signal: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn rollup_online_offline_with_many_devices() {
+        let s = Sessions::new();
+        let mut events = s.subscribe_events();
+        let alice: Arc<str> = "alice".into();
+        let (h1, _r1) = handle(1, 8);
+        let (h2, _r2) = handle(2, 8);
+        assert!(s.register(&alice, h1));
+        assert!(!s.register(&alice, h2));
+        assert_eq!(s.snapshot("alice").devices, 2);
+        assert_eq!(s.unregister(&alice, 1), None);
+        assert!(s.is_online("alice"));
+        let last = s.unregister(&alice, 2).expect("last device");
+        assert!(!s.is_online("alice"));
+        assert_eq!(s.snapshot("alice").last_seen, last);
+        let e1 = events.recv().await.expect("online");
+        assert!(e1.online);
+        let e2 = events.recv().await.expect("offline");
+        assert!(!e2.online);
+        assert_eq!(e2.at, last);
+        assert!(events.try_recv().is_err(), "no event for the second device");
+    }
+
+    #[tokio::test]
+    async fn full_buffer_closes_the_connection_as_slow() {
+        let s = Sessions::new();
+        let bob: Arc<str> = "bob".into();
+        let (h, _rx) = handle(7, 1);
+        let signal = h.signal.clone();
+        s.register(&bob, h);
+        let f = Outbound::new(Frame::default());
+        assert_eq!(s.deliver("bob", &f, None).devices, 1);
+        assert_eq!(s.deliver("bob", &f, None).slow, 1);
+        assert_eq!(signal.closed().await, Disconnect::Slow);
+    }
+}
