@@ -622,4 +622,103 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    /// A one-connection fake server: negotiates the asked subprotocol, sends a Welcome, answers
+    /// Ping with Pong (same ref), then closes with 4001 "bye" on any other frame.
+    #[allow(clippy::result_large_err)]
+    async fn fake_server() -> std::net::SocketAddr {
+        use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((s, _)) = l.accept().await else { return };
+            let mut proto = None;
+            let cb = |req: &Request, mut resp: Response| {
+                assert!(
+                    req.headers().get("authorization").is_some() || req.uri().query().is_some()
+                );
+                if let Some(p) = req.headers().get(header::SEC_WEBSOCKET_PROTOCOL) {
+                    proto = p.to_str().ok().map(str::to_string);
+                    resp.headers_mut()
+                        .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
+                }
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+                return;
+            };
+            let codec = Codec::from_subprotocol(proto.as_deref());
+            let welcome = Frame::with(
+                0,
+                Body::Welcome(v1::Welcome {
+                    user: "alice".into(),
+                    ..Default::default()
+                }),
+            );
+            let _ = ws.send(encode_message(codec, &welcome)).await;
+            let _ = ws.send(Message::Ping(Bytes::from_static(b"hb"))).await;
+            while let Some(Ok(m)) = ws.next().await {
+                let f = match m {
+                    Message::Binary(b) => codec.decode_binary(&b),
+                    Message::Text(t) => codec.decode_text(t.as_str()),
+                    _ => continue,
+                };
+                match f {
+                    Ok(Frame {
+                        r#ref,
+                        body: Some(Body::Ping(p)),
+                    }) => {
+                        let pong = Frame::with(
+                            r#ref,
+                            Body::Pong(v1::Pong {
+                                timestamp: p.timestamp,
+                            }),
+                        );
+                        let _ = ws.send(encode_message(codec, &pong)).await;
+                    }
+                    _ => {
+                        let _ = ws
+                            .close(Some(CloseFrame {
+                                code: CloseCode::from(4001),
+                                reason: "bye".into(),
+                            }))
+                            .await;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn round_trip_with_fake_server_in_both_codecs() {
+        for (codec, in_query) in [(Codec::Binary, false), (Codec::Json, true)] {
+            let addr = fake_server().await;
+            let mut o = ConnectOptions::new(format!("ws://{addr}/ws"))
+                .token("t")
+                .codec(codec);
+            o.token_in_query = in_query;
+            let (mut c, w) = Client::connect(o).await.expect("connect");
+            assert_eq!(w.user, "alice");
+            assert_eq!(c.codec(), codec);
+            assert_eq!(c.ping().await.expect("ping"), 1);
+            assert_eq!(c.ping().await.expect("ping"), 2);
+            let f = c
+                .recv_until(|f| f.r#ref == 2, Duration::from_secs(5))
+                .await
+                .expect("pong 2");
+            assert!(matches!(f.body, Some(Body::Pong(_))));
+            c.send_message("bob", "m1", &b"x"[..]).await.expect("send");
+            assert!(
+                c.recv_timeout(Duration::from_secs(5))
+                    .await
+                    .expect("closed")
+                    .is_none()
+            );
+            let info = c.close_info().expect("close info");
+            assert_eq!((info.code, info.reason.as_str()), (4001, "bye"));
+        }
+    }
 }
