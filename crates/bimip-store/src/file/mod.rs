@@ -1,0 +1,289 @@
+//! The embedded file store (SPEC §6.1): per-user append-only files of Base64 lines
+//! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
+//! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]).
+
+mod queue;
+pub mod record;
+mod recovery;
+mod shard;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use shard::{Cmd, Shard, ShardConfig};
+
+use crate::{
+    AckOutcome, AckRequest, Appended, NewItem, Pending, PendingForDevice, QueueStore, ReadBatch,
+    ReadRequest, StoreError,
+};
+
+/// When appends are fsynced before they are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// fsync after every append, before its result is returned.
+    Always,
+    /// Group commit: one fsync covers every append of a short window (<= 5 ms).
+    #[default]
+    Batch,
+    /// Never fsync (the OS writes back when it likes): fastest, loses recent data on power loss.
+    Never,
+}
+
+impl std::str::FromStr for FsyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(FsyncMode::Always),
+            "batch" => Ok(FsyncMode::Batch),
+            "never" => Ok(FsyncMode::Never),
+            other => Err(format!(
+                "unknown fsync mode {other:?}: expected always, batch or never"
+            )),
+        }
+    }
+}
+
+/// Receives store timings (for metrics).
+pub trait StoreObserver: Send + Sync {
+    /// One fsync round finished: how long it took and how many appends it covered.
+    fn fsync(&self, took: Duration, appends: usize);
+}
+
+/// Settings of the file store.
+#[derive(Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub fsync: FsyncMode,
+    pub shards: usize,
+    pub max_open_files: usize,
+    pub cache_users: usize,
+    /// Repair mid-file corruption at start instead of refusing to start.
+    pub repair: bool,
+    pub observer: Option<Arc<dyn StoreObserver>>,
+}
+
+/// What start-up found and fixed.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub users: usize,
+    pub records: u64,
+    /// Files whose torn or corrupt last line was cut off: (file, line number, reason).
+    pub truncated: Vec<(PathBuf, u64, String)>,
+    /// Files repaired by `repair` (bad lines dropped, original kept aside).
+    pub repaired: Vec<(PathBuf, u64, String)>,
+}
+
+/// The embedded file store: `shards` writer threads, each owning a slice of the users.
+#[derive(Clone)]
+pub struct FileStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Vec<mpsc::Sender<Cmd>>,
+    closed: AtomicBool,
+}
+
+impl StoreConfig {
+    /// Defaults for `data_dir`: group commit, a few shards, bounded caches, no repair.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            fsync: FsyncMode::Batch,
+            shards: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(1, 8),
+            max_open_files: 1024,
+            cache_users: 100_000,
+            repair: false,
+            observer: None,
+        }
+    }
+}
+
+/// Commands queued per shard before senders wait (back-pressure).
+const CHANNEL_CAPACITY: usize = 4096;
+
+/// A stable hash (FNV-1a), so a user always maps to the same shard.
+fn shard_of(user: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+fn check_user(user: &str) -> Result<(), StoreError> {
+    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))
+}
+
+impl FileStore {
+    /// Recovers every user's files (see [`RecoveryReport`]) and starts the shard threads.
+    pub fn open(cfg: StoreConfig) -> Result<(FileStore, RecoveryReport), StoreError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
+        let report = recovery::recover(&cfg.data_dir, cfg.repair)?;
+        let n = cfg.shards.max(1);
+        let mut shards = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+            let shard = Shard::new(ShardConfig {
+                data_dir: cfg.data_dir.clone(),
+                mode: cfg.fsync,
+                cache_users: (cfg.cache_users / n).max(1),
+                open_files: (cfg.max_open_files / n).max(1),
+                observer: cfg.observer.clone(),
+            });
+            std::thread::Builder::new()
+                .name(format!("bimip-store-{i}"))
+                .spawn(move || shard.run(rx))
+                .map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
+            shards.push(tx);
+        }
+        tracing::info!(
+            users = report.users,
+            records = report.records,
+            truncated = report.truncated.len(),
+            repaired = report.repaired.len(),
+            "file store recovered"
+        );
+        Ok((
+            FileStore {
+                inner: Arc::new(Inner {
+                    shards,
+                    closed: AtomicBool::new(false),
+                }),
+            },
+            report,
+        ))
+    }
+
+    async fn send(&self, user: &str, cmd: Cmd) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let shard = &self.inner.shards[shard_of(user, self.inner.shards.len())];
+        shard.send(cmd).await.map_err(|_| StoreError::Closed)
+    }
+}
+
+impl QueueStore for FileStore {
+    async fn enqueue_append(
+        &self,
+        user: &str,
+        item: NewItem,
+    ) -> Result<Pending<Appended>, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let user_s = user.to_string();
+        self.send(
+            user,
+            Cmd::Append {
+                user: user_s,
+                item,
+                reply,
+            },
+        )
+        .await?;
+        Ok(Pending::new(rx))
+    }
+    async fn acknowledge(&self, user: &str, req: AckRequest) -> Result<AckOutcome, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            user,
+            Cmd::Ack {
+                user: user.to_string(),
+                req,
+                reply,
+            },
+        )
+        .await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+    async fn read(&self, user: &str, req: ReadRequest) -> Result<ReadBatch, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            user,
+            Cmd::Read {
+                user: user.to_string(),
+                req,
+                reply,
+            },
+        )
+        .await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+    async fn pending(&self, user: &str, device: &str) -> Result<PendingForDevice, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Pending {
+            user: user.to_string(),
+            device: device.to_string(),
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+    async fn shutdown(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in &self.inner.shards {
+            let (reply, rx) = oneshot::channel();
+            if shard.send(Cmd::Shutdown { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+}
+
+/// A user's two files decoded, for `bimip inspect` (reads the files directly; the server may be
+/// running or not).
+#[derive(Debug, Clone, Default)]
+pub struct UserFiles {
+    pub queue_path: PathBuf,
+    pub index_path: PathBuf,
+    /// (line number, record), in file order.
+    pub queue: Vec<(u64, bimip_proto::store::QueueRecord)>,
+    pub index: Vec<(u64, bimip_proto::store::IndexRecord)>,
+    /// Lines that could not be decoded: (file, line number, reason).
+    pub problems: Vec<(PathBuf, u64, String)>,
+}
+
+/// Decodes both files of `user` under `data_dir` without changing them.
+pub fn inspect_user(data_dir: &std::path::Path, user: &str) -> Result<UserFiles, StoreError> {
+    recovery::inspect(data_dir, user)
+}
+
+/// The queue file of `user` (BimipQueue).
+pub(crate) fn queue_path(data_dir: &std::path::Path, user: &str) -> PathBuf {
+    user_dir(data_dir, user).join(format!("bimip_queue_{user}.dat"))
+}
+
+/// The index file of `user` (BimipQueueIndex).
+pub(crate) fn index_path(data_dir: &std::path::Path, user: &str) -> PathBuf {
+    user_dir(data_dir, user).join(format!("bimip_queue_index_{user}.dat"))
+}
+
+/// `<data_dir>/bimip/<prefix>/<user>/`, prefix = first byte of SHA-256(user) as two hex digits.
+pub fn user_dir(data_dir: &std::path::Path, user: &str) -> PathBuf {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user.as_bytes());
+    data_dir
+        .join("bimip")
+        .join(hex::encode(&digest[..1]))
+        .join(user)
+}

@@ -1,0 +1,354 @@
+//! Start-up recovery (SPEC §6.1): every user's files are decoded once; a torn or corrupt last line
+//! is cut off, corruption before it refuses the start unless `repair` rewrites the file. Also the
+//! lazy load of one user's state and the read-only `inspect_user`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bimip_proto::store::{IndexRecord, QueueRecord, QueueRecordKind};
+
+use super::queue::UserQueue;
+use super::record::decode_all;
+use super::{RecoveryReport, UserFiles, index_path, queue_path, user_dir};
+use crate::StoreError;
+
+pub(crate) fn io_err(path: &Path, source: io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A file's lines sorted into good records, a bad tail and bad lines before it.
+struct Checked<M> {
+    /// (line number, byte range, record).
+    good: Vec<(u64, std::ops::Range<usize>, M)>,
+    /// The last line, when it is torn or corrupt: (line number, its start, reason).
+    torn: Option<(u64, u64, String)>,
+    /// Bad lines before the last one: (line number, reason).
+    bad: Vec<(u64, String)>,
+}
+
+/// Items must have increasing offsets; anything else is corruption even with a valid CRC.
+fn queue_semantics() -> impl FnMut(&QueueRecord) -> Result<(), String> {
+    let mut last = 0u64;
+    move |rec| {
+        if rec.kind == QueueRecordKind::Ack as i32 {
+            return Ok(());
+        }
+        if rec.offset <= last {
+            return Err(format!(
+                "offset {} is not after the previous item's offset {last}",
+                rec.offset
+            ));
+        }
+        last = rec.offset;
+        Ok(())
+    }
+}
+
+fn check<M: prost::Message + Default>(
+    data: &[u8],
+    mut semantic: impl FnMut(&M) -> Result<(), String>,
+) -> Checked<M> {
+    let lines = decode_all::<M>(data);
+    let n = lines.len();
+    let mut out = Checked {
+        good: Vec::with_capacity(n),
+        torn: None,
+        bad: Vec::new(),
+    };
+    for (i, l) in lines.into_iter().enumerate() {
+        let is_last = i + 1 == n;
+        match l.result {
+            Ok(rec) => match semantic(&rec) {
+                Ok(()) => {
+                    let start = l.start as usize;
+                    let end = data[start..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(data.len(), |p| start + p + 1);
+                    out.good.push((l.number, start..end, rec));
+                }
+                Err(reason) => out.bad.push((l.number, reason)),
+            },
+            Err(e) if is_last => out.torn = Some((l.number, l.start, e.to_string())),
+            Err(e) => out.bad.push((l.number, e.to_string())),
+        }
+    }
+    out
+}
+
+fn read_or_empty(path: &Path) -> Result<Vec<u8>, StoreError> {
+    match fs::read(path) {
+        Ok(d) => Ok(d),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err(path, e)),
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    f.set_len(len).map_err(|e| io_err(path, e))?;
+    f.sync_data().map_err(|e| io_err(path, e))
+}
+
+/// Fsyncs a directory so a rename or a new file in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+/// Keeps the original aside and atomically replaces `path` with only its good lines.
+fn rewrite<M>(path: &Path, data: &[u8], checked: &Checked<M>) -> Result<(), StoreError> {
+    let aside = PathBuf::from(format!(
+        "{}.corrupt-{}",
+        path.display(),
+        bimip_proto::now_ms()
+    ));
+    fs::copy(path, &aside).map_err(|e| io_err(&aside, e))?;
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let mut buf = Vec::with_capacity(data.len());
+    for (_, range, _) in &checked.good {
+        buf.extend_from_slice(&data[range.clone()]);
+        if buf.last() != Some(&b'\n') {
+            buf.push(b'\n');
+        }
+    }
+    f.write_all(&buf).map_err(|e| io_err(&tmp, e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Findings of one user's recovery.
+#[derive(Default)]
+struct UserReport {
+    records: u64,
+    truncated: Vec<(PathBuf, u64, String)>,
+    repaired: Vec<(PathBuf, u64, String)>,
+}
+
+/// Checks (and fixes) one file; returns its good records.
+fn recover_file<M: prost::Message + Default>(
+    path: &Path,
+    repair: bool,
+    semantic: impl FnMut(&M) -> Result<(), String>,
+    report: &mut UserReport,
+) -> Result<Vec<M>, StoreError> {
+    let data = read_or_empty(path)?;
+    let checked = check::<M>(&data, semantic);
+    if let Some((line, reason)) = checked.bad.first() {
+        if !repair {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                line: *line,
+                reason: reason.clone(),
+            });
+        }
+        rewrite(path, &data, &checked)?;
+        for (line, reason) in &checked.bad {
+            tracing::warn!(file = %path.display(), line, %reason, "repair: dropped a corrupt line");
+            report
+                .repaired
+                .push((path.to_path_buf(), *line, reason.clone()));
+        }
+    } else if let Some((_, start, _)) = &checked.torn {
+        truncate(path, *start)?;
+    }
+    if let Some((line, _, reason)) = &checked.torn {
+        tracing::warn!(file = %path.display(), line, %reason, "cut off a torn or corrupt last line");
+        report
+            .truncated
+            .push((path.to_path_buf(), *line, reason.clone()));
+    }
+    report.records += checked.good.len() as u64;
+    Ok(checked.good.into_iter().map(|(_, _, r)| r).collect())
+}
+
+fn recover_user(data_dir: &Path, user: &str, repair: bool) -> Result<UserReport, StoreError> {
+    let mut report = UserReport::default();
+    let q = queue_path(data_dir, user);
+    recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
+    let i = index_path(data_dir, user);
+    recover_file::<IndexRecord>(&i, repair, |_| Ok(()), &mut report)?;
+    Ok(report)
+}
+
+/// Lists `<data_dir>/bimip/<prefix>/<user>/` folders, checking names and prefixes.
+fn list_users(
+    data_dir: &Path,
+    repair: bool,
+    report: &mut RecoveryReport,
+) -> Result<Vec<String>, StoreError> {
+    let root = data_dir.join("bimip");
+    fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+    let mut users = Vec::new();
+    for prefix in fs::read_dir(&root).map_err(|e| io_err(&root, e))? {
+        let prefix = prefix.map_err(|e| io_err(&root, e))?;
+        if !prefix.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        let pdir = prefix.path();
+        for entry in fs::read_dir(&pdir).map_err(|e| io_err(&pdir, e))? {
+            let entry = entry.map_err(|e| io_err(&pdir, e))?;
+            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let problem = if bimip_proto::validate_user_id(&name).is_err() {
+                Some(format!("{name:?} is not a valid user id"))
+            } else if user_dir(data_dir, &name) != path {
+                Some(format!(
+                    "user {name:?} belongs under prefix {}, not {}",
+                    user_dir(data_dir, &name)
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    prefix.file_name().to_string_lossy()
+                ))
+            } else {
+                None
+            };
+            match problem {
+                None => users.push(name),
+                Some(reason) if repair => {
+                    tracing::warn!(folder = %path.display(), %reason, "ignoring a misplaced folder");
+                    report
+                        .repaired
+                        .push((path, 0, format!("{reason}; ignored")));
+                }
+                Some(reason) => {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        line: 0,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+    Ok(users)
+}
+
+/// Checks every user's files in parallel over a few threads.
+pub(crate) fn recover(data_dir: &Path, repair: bool) -> Result<RecoveryReport, StoreError> {
+    let mut report = RecoveryReport::default();
+    let users = list_users(data_dir, repair, &mut report)?;
+    report.users = users.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+        .min(users.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Result<UserReport, StoreError>>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut local = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(user) = users.get(i) else { break };
+                    let r = recover_user(data_dir, user, repair);
+                    let failed = r.is_err();
+                    local.push(r);
+                    if failed {
+                        // Stop the others early: the start is refused anyway.
+                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                if let Ok(mut all) = results.lock() {
+                    all.extend(local);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut first_err: Option<StoreError> = None;
+    for r in results {
+        match r {
+            Ok(u) => {
+                report.records += u.records;
+                report.truncated.extend(u.truncated);
+                report.repaired.extend(u.repaired);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    report.truncated.sort();
+    report.repaired.sort();
+    Ok(report)
+}
+
+/// Decodes one file for the running store. A bad last line (a write that failed and could not
+/// be rolled back) is cut off so later appends start on a clean line; anything else is an error.
+fn load_file<M: prost::Message + Default>(path: &Path) -> Result<Vec<M>, StoreError> {
+    let data = read_or_empty(path)?;
+    let checked = check::<M>(&data, |_| Ok(()));
+    if let Some((line, reason)) = checked.bad.first() {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: *line,
+            reason: reason.clone(),
+        });
+    }
+    if let Some((line, start, reason)) = &checked.torn {
+        tracing::warn!(file = %path.display(), line, %reason, "cut off a torn last line");
+        truncate(path, *start)?;
+    }
+    Ok(checked.good.into_iter().map(|(_, _, r)| r).collect())
+}
+
+/// Loads one user's state from its files (empty when it has none).
+pub(crate) fn load_user(data_dir: &Path, user: &str) -> Result<UserQueue, StoreError> {
+    let q = load_file::<QueueRecord>(&queue_path(data_dir, user))?;
+    let i = load_file::<IndexRecord>(&index_path(data_dir, user))?;
+    Ok(UserQueue::from_records(user, q, i))
+}
+
+/// Decodes both files read-only, collecting undecodable lines.
+pub(crate) fn inspect(data_dir: &Path, user: &str) -> Result<UserFiles, StoreError> {
+    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))?;
+    let mut out = UserFiles {
+        queue_path: queue_path(data_dir, user),
+        index_path: index_path(data_dir, user),
+        ..Default::default()
+    };
+    for l in decode_all::<QueueRecord>(&read_or_empty(&out.queue_path)?) {
+        match l.result {
+            Ok(r) => out.queue.push((l.number, r)),
+            Err(e) => out
+                .problems
+                .push((out.queue_path.clone(), l.number, e.to_string())),
+        }
+    }
+    for l in decode_all::<IndexRecord>(&read_or_empty(&out.index_path)?) {
+        match l.result {
+            Ok(r) => out.index.push((l.number, r)),
+            Err(e) => out
+                .problems
+                .push((out.index_path.clone(), l.number, e.to_string())),
+        }
+    }
+    Ok(out)
+}

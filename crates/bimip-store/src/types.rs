@@ -1,0 +1,159 @@
+//! Values that cross the store boundary.
+
+use bimip_proto::v1::{self, Partition, ReceiptKind};
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+
+/// One stored item of a user's queue, as the store hands it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub offset: u64,
+    pub partition: Partition,
+    pub from: String,
+    pub to: String,
+    pub payload: Bytes,
+    /// Unix ms when stored.
+    pub timestamp: i64,
+    /// Set once any device of the user acknowledged it.
+    pub acknowledged: bool,
+    pub message_id: String,
+    /// The sending device ("" for the system / HTTP API).
+    pub device: String,
+    /// For the sender's own copy: the offset in the recipient's queue (0 otherwise).
+    pub peer_offset: u64,
+}
+
+impl Item {
+    /// The wire form of this item.
+    pub fn to_message(&self) -> v1::Message {
+        v1::Message {
+            id: self.message_id.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            partition: self.partition as i32,
+            payload: self.payload.clone(),
+            offset: self.offset,
+            timestamp: self.timestamp,
+            device: self.device.clone(),
+            acknowledged: self.acknowledged,
+        }
+    }
+}
+
+/// An item to append. The store assigns `offset` and `timestamp`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    pub partition: Partition,
+    pub from: String,
+    pub to: String,
+    pub payload: Bytes,
+    pub message_id: String,
+    pub device: String,
+    pub peer_offset: u64,
+    /// Refuse a second item with the same (`from`, `message_id`) in this queue.
+    pub dedupe: bool,
+}
+
+/// Result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub offset: u64,
+    pub timestamp: i64,
+    /// The item was already stored (same sender and message id); nothing new was written and
+    /// `offset`/`timestamp` are the original ones.
+    pub duplicate: bool,
+}
+
+/// A device's receipt.
+///
+/// For `Partition::Chat`: `peer` is the sender whose messages are acknowledged (required). The
+/// device's cursor `(device, chat, from=peer, to=user, kind)` moves to `up_to_offset + 1` if that is
+/// further (never back); `up_to_offset` is clamped to the queue's last offset. Chat items from
+/// `peer` not yet covered by any device's cursor of this `kind` are returned in `covered`, and items
+/// newly acknowledged get an ACK record.
+///
+/// For `Partition::Notification` / `Partition::Receipt`: `peer` optionally narrows to one sender
+/// (None = all senders). Unacknowledged items of that partition with offset <= `up_to_offset`
+/// become acknowledged (and are returned in `covered`); the device's cursor for
+/// `(device, partition, from=peer or "", to=user)` moves too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckRequest {
+    pub device: String,
+    pub partition: Partition,
+    pub peer: Option<String>,
+    pub kind: ReceiptKind,
+    pub up_to_offset: u64,
+}
+
+/// Result of an acknowledgement.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AckOutcome {
+    /// (offset, message id) of the items this receipt newly covers, in offset order.
+    pub covered: Vec<(u64, String)>,
+    /// The device's cursor after the receipt (next offset not acknowledged).
+    pub next_offset: u64,
+}
+
+/// Read items of one partition in offset order.
+///
+/// Chat with `peer`: items from `peer` (to this user). Without `start`, reading begins at the
+/// device's cursor for `(chat, peer)` (the furthest of its DELIVERED and READ cursors); a device
+/// with no cursor yet starts where the user's furthest device is. Reading never changes cursors, so
+/// repeating it returns the same items.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadRequest {
+    pub device: String,
+    pub partition: Partition,
+    pub peer: Option<String>,
+    pub start: Option<u64>,
+    pub limit: usize,
+}
+
+/// One page of a read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReadBatch {
+    pub items: Vec<Item>,
+    /// More matching items exist after this page.
+    pub more: bool,
+    /// Where the next page starts (last returned offset + 1, or the start when empty).
+    pub next_offset: u64,
+}
+
+/// Chat items from one sender past a device's cursor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SenderPending {
+    pub from: String,
+    pub unread: u64,
+    pub first_offset: u64,
+    pub last_offset: u64,
+    pub last: Item,
+}
+
+/// What a connecting device is owed (SPEC §2, ONLINE fan-out).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PendingForDevice {
+    /// Unacknowledged notification items, in offset order.
+    pub notifications: Vec<Item>,
+    /// One entry per sender with chat items past this device's cursor, ordered by last offset.
+    pub senders: Vec<SenderPending>,
+    /// Unacknowledged receipt items (their payload is an encoded `bimip.v1.Receipt`), in order.
+    pub receipts: Vec<Item>,
+}
+
+/// The result of an operation that is queued now and finishes later.
+pub struct Pending<T> {
+    pub(crate) rx: oneshot::Receiver<Result<T, StoreError>>,
+}
+
+impl<T> Pending<T> {
+    pub fn new(rx: oneshot::Receiver<Result<T, StoreError>>) -> Self {
+        Pending { rx }
+    }
+
+    /// Waits for the operation to finish.
+    pub async fn wait(self) -> Result<T, StoreError> {
+        self.rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
