@@ -210,7 +210,8 @@ fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> 
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn valid_user(user: &str) -> Result<(), ApiError> {
@@ -286,7 +287,9 @@ async fn send_message(
         (None, Some(t)) => t.into_bytes().into(),
         (None, None) => bytes::Bytes::new(),
         (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request("give either payload or text, not both"));
+            return Err(ApiError::bad_request(
+                "give either payload or text, not both",
+            ));
         }
     };
     let (from, sender_copy) = match b.from {

@@ -230,7 +230,9 @@ mod tests {
     #[test]
     fn accepts_a_good_token() {
         let id = verifier()
-            .verify(&hs(json!({"sub": "alice", "exp": exp(), "device": "phone"})))
+            .verify(&hs(
+                json!({"sub": "alice", "exp": exp(), "device": "phone"}),
+            ))
             .expect("valid");
         assert_eq!(id.user, "alice");
         assert_eq!(id.device.as_deref(), Some("phone"));
@@ -254,8 +256,7 @@ mod tests {
         // alg none: header {"alg":"none"}, no signature
         let none = format!(
             "{}.{}.",
-            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0",
-            "eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0"
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0"
         );
         assert!(v.verify(&none).is_err());
         let other = encode(
@@ -292,7 +293,10 @@ mod tests {
         let bad_iss = json!({"sub": "a", "exp": exp(), "iss": "x", "aud": "chat"});
         assert!(matches!(v.verify(&hs(bad_iss)), Err(AuthError::BadIssuer)));
         let bad_aud = json!({"sub": "a", "exp": exp(), "iss": "https://auth.example", "aud": "x"});
-        assert!(matches!(v.verify(&hs(bad_aud)), Err(AuthError::BadAudience)));
+        assert!(matches!(
+            v.verify(&hs(bad_aud)),
+            Err(AuthError::BadAudience)
+        ));
     }
 
     #[test]

@@ -103,7 +103,9 @@ pub enum ConfigError {
         "no JWT key: set --jwt-secret, --jwt-public-key or --jwt-jwks (or run with --dev for a throwaway one)"
     )]
     NoJwtKey,
-    #[error("more than one JWT key source is set; choose one of --jwt-secret, --jwt-public-key, --jwt-jwks")]
+    #[error(
+        "more than one JWT key source is set; choose one of --jwt-secret, --jwt-public-key, --jwt-jwks"
+    )]
     ManyJwtKeys,
     #[error("{0}")]
     Invalid(String),
@@ -134,7 +136,9 @@ impl Config {
             return Err(ConfigError::Invalid("heartbeat_ms must be >= 50".into()));
         }
         if self.max_frame_bytes < 1024 {
-            return Err(ConfigError::Invalid("max_frame_bytes must be >= 1024".into()));
+            return Err(ConfigError::Invalid(
+                "max_frame_bytes must be >= 1024".into(),
+            ));
         }
         if self.max_payload_bytes >= self.max_frame_bytes {
             return Err(ConfigError::Invalid(

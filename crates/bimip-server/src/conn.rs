@@ -15,11 +15,7 @@ use bimip_proto::{
     v1::{self, ErrorCode, Frame, Partition, Status},
 };
 use bimip_store::{QueueStore, ReadRequest};
-use futures_util::{
-    SinkExt, StreamExt,
-    future::BoxFuture,
-    stream::FuturesOrdered,
-};
+use futures_util::{SinkExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use std::{sync::Arc, time::Duration};
 use tokio::{
     sync::mpsc,
@@ -85,11 +81,7 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
             })))
             .await;
     }
-    if state
-        .sessions
-        .unregister(&conn.id.user, conn_id)
-        .is_some()
-    {
+    if state.sessions.unregister(&conn.id.user, conn_id).is_some() {
         state.metrics.users_online.dec();
     }
     state.metrics.connections.dec();
@@ -247,7 +239,11 @@ impl Conn {
             Err(e) => {
                 self.state.metrics.frame_in("invalid");
                 return self
-                    .answer_now(Frame::error(salvaged_ref, ErrorCode::BadRequest, e.to_string()))
+                    .answer_now(Frame::error(
+                        salvaged_ref,
+                        ErrorCode::BadRequest,
+                        e.to_string(),
+                    ))
                     .await;
             }
         };
@@ -286,8 +282,11 @@ impl Conn {
                 }
             }
             Body::Receipt(receipt) => {
-                let (state, user, device) =
-                    (self.state.clone(), self.id.user.clone(), self.id.device.clone());
+                let (state, user, device) = (
+                    self.state.clone(),
+                    self.id.user.clone(),
+                    self.id.device.clone(),
+                );
                 self.inflight.push_back(Box::pin(async move {
                     match delivery::receipt(&state, &user, &device, receipt).await {
                         Ok(next) if r != 0 => vec![Frame::with(
@@ -326,9 +325,16 @@ impl Conn {
                     )
                     .await;
             }
-            Body::Welcome(_) | Body::Ack(_) | Body::Batch(_) | Body::Summary(_) | Body::Error(_) => {
+            Body::Welcome(_)
+            | Body::Ack(_)
+            | Body::Batch(_)
+            | Body::Summary(_)
+            | Body::Error(_) => {
                 return self
-                    .refuse(r, Refused::bad("this frame kind is sent by the server only"))
+                    .refuse(
+                        r,
+                        Refused::bad("this frame kind is sent by the server only"),
+                    )
                     .await;
             }
         }
@@ -368,7 +374,10 @@ impl Conn {
     async fn resume(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
         if let Err(e) = bimip_proto::validate_user_id(&a.to) {
             return self
-                .refuse(r, Refused::bad(format!("RESUME needs the peer in `to`: {e}")))
+                .refuse(
+                    r,
+                    Refused::bad(format!("RESUME needs the peer in `to`: {e}")),
+                )
                 .await;
         }
         // Answers to earlier requests (sends, receipts) go first: a RESUME after a receipt must

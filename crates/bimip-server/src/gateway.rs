@@ -71,10 +71,7 @@ pub async fn upgrade(
         .read_buffer_size(READ_BUFFER)
         .max_message_size(max)
         .max_frame_size(max);
-    let codec = Codec::from_subprotocol(
-        ws.selected_protocol()
-            .and_then(|p| p.to_str().ok()),
-    );
+    let codec = Codec::from_subprotocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     let ident = ConnIdent {
         user: Arc::from(identity.user),
         device: Arc::from(device),

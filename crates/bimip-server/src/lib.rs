@@ -76,9 +76,7 @@ pub async fn run(
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         stopping.accepting.store(false, Ordering::Release);
-        stopping
-            .sessions
-            .close_all(sessions::Disconnect::Shutdown);
+        stopping.sessions.close_all(sessions::Disconnect::Shutdown);
     });
     serve.await?;
     // Upgraded WebSockets are not tracked by the HTTP server: wait for them to finish closing.

@@ -271,7 +271,9 @@ impl Sessions {
     }
 
     pub fn is_online(&self, user: &str) -> bool {
-        self.shard(user).get(user).is_some_and(|e| !e.conns.is_empty())
+        self.shard(user)
+            .get(user)
+            .is_some_and(|e| !e.conns.is_empty())
     }
 
     /// Asks every connection to close (shutdown).

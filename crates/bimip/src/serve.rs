@@ -1,0 +1,258 @@
+//! `bimip serve`: settings from flags > `BIMIP_*` env > TOML file > defaults, logging, signals.
+
+use anyhow::Context;
+use bimip_server::{Config, config::FsyncMode};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML settings file (keys as in `bimip serve --print-config`).
+    #[arg(long, env = "BIMIP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for HTTP and WebSocket [default: 127.0.0.1:8080].
+    #[arg(long, env = "BIMIP_LISTEN")]
+    listen: Option<String>,
+    /// Data directory of the embedded store [default: ./data].
+    #[arg(long, env = "BIMIP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HS256 secret for client tokens (at least 16 bytes).
+    #[arg(long, env = "BIMIP_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM public key for RS256 or ES256 client tokens.
+    #[arg(long, env = "BIMIP_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
+    /// JWKS file with RS256/ES256 keys (chosen by `kid`).
+    #[arg(long, env = "BIMIP_JWT_JWKS")]
+    jwt_jwks: Option<PathBuf>,
+    /// Required token issuer (`iss`).
+    #[arg(long, env = "BIMIP_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required token audience (`aud`).
+    #[arg(long, env = "BIMIP_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// API key for the backend HTTP API (without one the backend API is off).
+    #[arg(long, env = "BIMIP_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Durability: always | batch (group commit) | never [default: batch].
+    #[arg(long, env = "BIMIP_FSYNC")]
+    fsync: Option<FsyncMode>,
+    /// Node name reported in Welcome [default: bimip-1].
+    #[arg(long, env = "BIMIP_NODE")]
+    node: Option<String>,
+    /// Server ping interval in ms; silent for two intervals = gone [default: 20000].
+    #[arg(long, env = "BIMIP_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u32>,
+    /// Largest WebSocket frame in bytes [default: 65536].
+    #[arg(long, env = "BIMIP_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<u32>,
+    /// Largest message payload in bytes [default: 32768].
+    #[arg(long, env = "BIMIP_MAX_PAYLOAD_BYTES")]
+    max_payload_bytes: Option<u32>,
+    /// Log format.
+    #[arg(long, env = "BIMIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax, e.g. `info` or `bimip_server=debug`).
+    #[arg(long, env = "BIMIP_LOG", default_value = "info")]
+    log: String,
+    /// Development mode: make up (and keep in the data dir) a JWT secret and an API key when none
+    /// is given, and print a ready token and client command.
+    #[arg(long)]
+    dev: bool,
+    /// Repair mid-file store corruption at start-up (originals are kept aside).
+    #[arg(long)]
+    repair: bool,
+    /// Print the effective settings as TOML (secrets redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format, &args.log)?;
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<Config>(&text)
+                .with_context(|| format!("{}: invalid settings", path.display()))?
+        }
+        None => Config::default(),
+    };
+    apply_flags(&args, &mut config);
+    if args.dev {
+        dev_defaults(&mut config)?;
+    }
+    if args.print_config {
+        let mut shown = config.clone();
+        if shown.jwt.secret.is_some() {
+            shown.jwt.secret = Some("<redacted>".into());
+        }
+        if shown.api_key.is_some() {
+            shown.api_key = Some("<redacted>".into());
+        }
+        print!("{}", toml::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find the port (also with --listen 127.0.0.1:0).
+    println!("bimip listening on http://{addr} (WebSocket: ws://{addr}/ws)");
+    if args.dev {
+        print_dev_help(&config, addr)?;
+    }
+    bimip_server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn apply_flags(a: &ServeArgs, c: &mut Config) {
+    fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+        if let Some(v) = v {
+            *dst = v.clone();
+        }
+    }
+    fn set_opt<T: Clone>(dst: &mut Option<T>, v: &Option<T>) {
+        if v.is_some() {
+            *dst = v.clone();
+        }
+    }
+    set(&mut c.listen, &a.listen);
+    set(&mut c.data_dir, &a.data_dir);
+    set(&mut c.fsync, &a.fsync);
+    set(&mut c.node, &a.node);
+    set(&mut c.heartbeat_ms, &a.heartbeat_ms);
+    set(&mut c.max_frame_bytes, &a.max_frame_bytes);
+    set(&mut c.max_payload_bytes, &a.max_payload_bytes);
+    // A key source given on the command line replaces the file's, it does not add to it.
+    if a.jwt_secret.is_some() || a.jwt_public_key.is_some() || a.jwt_jwks.is_some() {
+        c.jwt.secret = a.jwt_secret.clone();
+        c.jwt.public_key = a.jwt_public_key.clone();
+        c.jwt.jwks = a.jwt_jwks.clone();
+    }
+    set_opt(&mut c.jwt.issuer, &a.jwt_issuer);
+    set_opt(&mut c.jwt.audience, &a.jwt_audience);
+    set_opt(&mut c.api_key, &a.api_key);
+    c.repair |= a.repair;
+}
+
+/// Loads or creates the dev secret and API key in `<data_dir>/dev.toml`, so tokens minted for a
+/// dev server keep working across its restarts.
+fn dev_defaults(c: &mut Config) -> anyhow::Result<()> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Dev {
+        jwt_secret: String,
+        api_key: String,
+    }
+    let path = c.data_dir.join("dev.toml");
+    let dev = match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str::<Dev>(&text)
+            .with_context(|| format!("{}: invalid dev settings", path.display()))?,
+        Err(_) => {
+            let dev = Dev {
+                jwt_secret: random_hex(32),
+                api_key: random_hex(24),
+            };
+            std::fs::create_dir_all(&c.data_dir)
+                .with_context(|| format!("creating {}", c.data_dir.display()))?;
+            write_private(&path, &toml::to_string(&dev)?)?;
+            dev
+        }
+    };
+    if c.jwt.secret.is_none() && c.jwt.public_key.is_none() && c.jwt.jwks.is_none() {
+        c.jwt.secret = Some(dev.jwt_secret);
+    }
+    if c.api_key.is_none() {
+        c.api_key = Some(dev.api_key);
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn print_dev_help(c: &Config, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let Some(secret) = &c.jwt.secret else {
+        return Ok(());
+    };
+    let ttl = std::time::Duration::from_secs(24 * 3600);
+    let alice = bimip_client::token::mint_hs256(secret.as_bytes(), "alice", None, ttl)?;
+    let url = format!("ws://{addr}/ws");
+    println!();
+    println!(
+        "dev mode: JWT secret and API key are kept in {}",
+        c.data_dir.join("dev.toml").display()
+    );
+    println!("  a token for alice (24 h):\n    {alice}");
+    println!("  chat as alice:   bimip client --url {url} --user alice --secret {secret}");
+    println!("  chat as bob:     bimip client --url {url} --user bob --secret {secret}");
+    if let Some(key) = &c.api_key {
+        println!(
+            "  backend API:     curl -H 'Authorization: Bearer {key}' http://{addr}/v1/users/alice/presence"
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid --log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested");
+}
