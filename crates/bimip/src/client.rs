@@ -12,7 +12,7 @@ use bimip_proto::v1::{self, Frame};
 use bimip_proto::{Body, Codec};
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
@@ -129,7 +129,14 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
 
     let (mut writer, reader) = client.split();
     let seen: Seen = Arc::default();
-    let mut reader_task = tokio::spawn(read_loop(reader, args.raw, me, seen.clone()));
+    let closing = Arc::new(AtomicBool::new(false));
+    let mut reader_task = tokio::spawn(read_loop(
+        reader,
+        args.raw,
+        me,
+        seen.clone(),
+        closing.clone(),
+    ));
 
     let linger = Duration::from_millis(args.linger_ms);
     let input = run_input(&mut writer, &args.commands, &seen);
@@ -154,9 +161,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         Some(code) => code,
         None => {
             // Close cleanly and let the reader print the server's close reply.
+            closing.store(true, Ordering::SeqCst);
             let _ = writer.close_frame().await;
             match tokio::time::timeout(Duration::from_secs(2), &mut reader_task).await {
-                Ok(Ok(_)) => 0,
+                Ok(Ok(code)) => code,
                 Ok(Err(_)) => 1,
                 Err(_) => {
                     reader_task.abort();
@@ -171,7 +179,13 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
 }
 
 /// Prints incoming frames until the server closes; returns the exit code.
-async fn read_loop(mut reader: ClientReader, raw: bool, me: String, seen: Seen) -> i32 {
+async fn read_loop(
+    mut reader: ClientReader,
+    raw: bool,
+    me: String,
+    seen: Seen,
+    closing: Arc<AtomicBool>,
+) -> i32 {
     loop {
         match reader.recv().await {
             Ok(Some(frame)) => {
@@ -184,6 +198,11 @@ async fn read_loop(mut reader: ClientReader, raw: bool, me: String, seen: Seen) 
                         out(&format!("closed code={} reason={:?}", c.code, c.reason));
                         i32::from(!matches!(c.code, 1000 | 1001))
                     }
+                    // We closed and the server hung up without a close frame of its own.
+                    None if closing.load(Ordering::SeqCst) => {
+                        out("closed code=1000 reason=\"closed by client\"");
+                        0
+                    }
                     None => {
                         out("closed code=none reason=\"connection dropped\"");
                         1
@@ -191,6 +210,10 @@ async fn read_loop(mut reader: ClientReader, raw: bool, me: String, seen: Seen) 
                 };
             }
             Err(ClientError::Decode(e)) => err_line(&format!("undecodable frame: {e}")),
+            Err(_) if closing.load(Ordering::SeqCst) => {
+                out("closed code=1000 reason=\"closed by client\"");
+                return 0;
+            }
             Err(e) => {
                 err_line(&format!("connection error: {e}"));
                 out("closed code=none reason=\"connection error\"");
