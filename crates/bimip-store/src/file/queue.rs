@@ -228,7 +228,6 @@ impl UserQueue {
             });
         }
         let offset = self.next_offset;
-        self.next_offset += 1;
         let rec = QueueRecord {
             offset,
             partition: new.partition as i32,

@@ -218,7 +218,7 @@ mod tests {
             Err(LineError::TooShort(2))
         ));
         assert!(matches!(
-            decode_line::<QueueRecord>(b"AAAAAA=="),
+            decode_line::<QueueRecord>(b"AAAAAQ=="),
             Err(LineError::Crc { .. })
         ));
         // A CRC-valid blob that is not a protobuf message (field 0 is invalid).

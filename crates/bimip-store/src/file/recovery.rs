@@ -85,7 +85,15 @@ fn check<M: prost::Message + Default>(
 fn read_or_empty(path: &Path) -> Result<Vec<u8>, StoreError> {
     match fs::read(path) {
         Ok(d) => Ok(d),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        // A path component that is not a folder means the file does not exist either.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(Vec::new())
+        }
         Err(e) => Err(io_err(path, e)),
     }
 }

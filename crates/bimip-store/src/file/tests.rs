@@ -1,1 +1,810 @@
+//! End-to-end tests of the file store on real files in temporary directories.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use bimip_proto::store::{QueueRecord, QueueRecordKind};
+use bimip_proto::v1::{Partition, ReceiptKind};
+use bytes::Bytes;
+use tempfile::TempDir;
+
+use super::*;
+use crate::{AckRequest, NewItem, QueueStore, ReadRequest, Store};
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        shards: 2,
+        ..StoreConfig::new(dir)
+    }
+}
+
+fn open(dir: &Path) -> FileStore {
+    FileStore::open(config(dir)).expect("open store").0
+}
+
+fn chat(from: &str, to: &str, id: &str) -> NewItem {
+    NewItem {
+        partition: Partition::Chat,
+        from: from.into(),
+        to: to.into(),
+        payload: Bytes::from(format!("payload of {id}")),
+        message_id: id.into(),
+        device: "dev".into(),
+        peer_offset: 0,
+        dedupe: true,
+    }
+}
+
+fn note(id: &str) -> NewItem {
+    NewItem {
+        partition: Partition::Notification,
+        from: String::new(),
+        ..chat("", "alice", id)
+    }
+}
+
+async fn append(s: &FileStore, user: &str, item: NewItem) -> Appended {
+    s.enqueue_append(user, item)
+        .await
+        .expect("enqueue")
+        .wait()
+        .await
+        .expect("append")
+}
+
+fn ack(device: &str, peer: &str, kind: ReceiptKind, up: u64) -> AckRequest {
+    AckRequest {
+        device: device.into(),
+        partition: Partition::Chat,
+        peer: Some(peer.into()),
+        kind,
+        up_to_offset: up,
+    }
+}
+
+fn read_chat(device: &str, peer: &str) -> ReadRequest {
+    ReadRequest {
+        device: device.into(),
+        partition: Partition::Chat,
+        peer: Some(peer.into()),
+        start: None,
+        limit: 100,
+    }
+}
+
+fn offsets(b: &ReadBatch) -> Vec<u64> {
+    b.items.iter().map(|i| i.offset).collect()
+}
+
+#[tokio::test]
+async fn layout_and_a_line_decoded_by_hand() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    let a = append(&s, "alice", chat("bob", "alice", "m1")).await;
+    assert_eq!(a.offset, 1);
+    s.shutdown().await;
+
+    use sha2::Digest;
+    let prefix = format!("{:02x}", sha2::Sha256::digest(b"alice")[0]);
+    let udir = dir.path().join("bimip").join(&prefix).join("alice");
+    assert_eq!(user_dir(dir.path(), "alice"), udir);
+    let text = std::fs::read_to_string(udir.join("bimip_queue_alice.dat")).unwrap();
+    assert!(text.ends_with('\n'));
+    assert_eq!(text.lines().count(), 1);
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text.trim_end())
+        .unwrap();
+    let (pb, crc) = raw.split_at(raw.len() - 4);
+    assert_eq!(
+        u32::from_le_bytes(crc.try_into().unwrap()),
+        crc32c::crc32c(pb)
+    );
+    let rec = <QueueRecord as prost::Message>::decode(pb).unwrap();
+    assert_eq!(rec.offset, 1);
+    assert_eq!(rec.partition, Partition::Chat as i32);
+    assert_eq!(rec.from, "bob");
+    assert_eq!(rec.to, "alice");
+    assert_eq!(rec.message_id, "m1");
+    assert_eq!(rec.kind, QueueRecordKind::Item as i32);
+    assert_eq!(rec.timestamp, a.timestamp);
+    assert_eq!(&rec.payload[..], b"payload of m1");
+    // No index file until a cursor moves.
+    assert!(!udir.join("bimip_queue_index_alice.dat").exists());
+}
+
+#[tokio::test]
+async fn offsets_monotonic_across_reopen_and_closed_after_shutdown() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    for i in 1..=3 {
+        let a = append(&s, "alice", chat("bob", "alice", &format!("m{i}"))).await;
+        assert_eq!(a.offset, i);
+    }
+    s.shutdown().await;
+    s.shutdown().await;
+    assert!(matches!(
+        s.enqueue_append("alice", chat("bob", "alice", "x")).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        s.read("alice", read_chat("d", "bob")).await,
+        Err(StoreError::Closed)
+    ));
+    let (s, report) = FileStore::open(config(dir.path())).unwrap();
+    assert_eq!(report.users, 1);
+    assert_eq!(report.records, 3);
+    let a = append(&s, "alice", chat("bob", "alice", "m4")).await;
+    assert_eq!(a.offset, 4);
+    // Another user's queue has its own sequence.
+    assert_eq!(
+        append(&s, "bob", chat("alice", "bob", "m1")).await.offset,
+        1
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn dedupe_returns_the_original() {
+    let dir = TempDir::new().unwrap();
+    let s = Store::File(open(dir.path()));
+    let a = s.append("alice", chat("bob", "alice", "m1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let b = s.append("alice", chat("bob", "alice", "m1")).await.unwrap();
+    assert!(b.duplicate);
+    assert_eq!((b.offset, b.timestamp), (a.offset, a.timestamp));
+    // Another sender may use the same id; without dedupe a copy is stored.
+    let c = s
+        .append("alice", chat("carol", "alice", "m1"))
+        .await
+        .unwrap();
+    assert_eq!((c.offset, c.duplicate), (2, false));
+    let d = s
+        .append(
+            "alice",
+            NewItem {
+                dedupe: false,
+                ..chat("bob", "alice", "m1")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((d.offset, d.duplicate), (3, false));
+    s.shutdown().await;
+    // Dedupe survives a restart.
+    let s = open(dir.path());
+    let e = append(&s, "alice", chat("bob", "alice", "m1")).await;
+    assert_eq!((e.offset, e.duplicate), (1, true));
+    let lines = std::fs::read_to_string(queue_path(dir.path(), "alice")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn acknowledge_read_pending_with_several_devices() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    for i in 1..=5 {
+        append(&s, "alice", chat("bob", "alice", &format!("b{i}"))).await;
+    }
+    append(&s, "alice", note("n1")).await; // 6
+    append(&s, "alice", chat("carol", "alice", "c1")).await; // 7
+    append(&s, "alice", chat("alice", "bob", "own")).await; // 8: her own copy
+
+    // No cursor anywhere: a device starts at the beginning.
+    let r = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(offsets(&r), [1, 2, 3, 4, 5]);
+    assert!(!r.more);
+    assert_eq!(r.next_offset, 6);
+    assert!(r.items.iter().all(|i| !i.to_message().acknowledged));
+
+    let o = s
+        .acknowledge("alice", ack("phone", "bob", ReceiptKind::Delivered, 3))
+        .await
+        .unwrap();
+    assert_eq!(o.next_offset, 4);
+    assert_eq!(
+        o.covered,
+        [(1, "b1".to_string()), (2, "b2".into()), (3, "b3".into())]
+    );
+    // Another device's DELIVERED receipt behind the furthest cursor covers nothing new.
+    let o = s
+        .acknowledge("alice", ack("laptop", "bob", ReceiptKind::Delivered, 2))
+        .await
+        .unwrap();
+    assert!(o.covered.is_empty());
+    assert_eq!(o.next_offset, 3);
+    // READ is its own kind; clamped to the queue's last offset (8), only bob's items count.
+    let o = s
+        .acknowledge("alice", ack("laptop", "bob", ReceiptKind::Read, 100))
+        .await
+        .unwrap();
+    assert_eq!(o.covered.len(), 5);
+    assert_eq!(o.next_offset, 9);
+    // Never moves back.
+    let o = s
+        .acknowledge("alice", ack("laptop", "bob", ReceiptKind::Read, 1))
+        .await
+        .unwrap();
+    assert_eq!((o.covered.len(), o.next_offset), (0, 9));
+
+    // The phone resumes at its own cursor (max of its DELIVERED and READ).
+    let r = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(offsets(&r), [4, 5]);
+    assert!(r.items.iter().all(|i| i.to_message().acknowledged));
+    let r = s.read("alice", read_chat("laptop", "bob")).await.unwrap();
+    assert!(r.items.is_empty());
+    assert_eq!(r.next_offset, 9);
+    // A new device starts where the furthest device is.
+    let r = s.read("alice", read_chat("tablet", "bob")).await.unwrap();
+    assert!(r.items.is_empty());
+    // Explicit start and limit.
+    let r = s
+        .read(
+            "alice",
+            ReadRequest {
+                start: Some(2),
+                limit: 2,
+                ..read_chat("tablet", "bob")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(offsets(&r), [2, 3]);
+    assert!(r.more);
+    assert_eq!(r.next_offset, 4);
+
+    let p = s.pending("alice", "phone").await.unwrap();
+    assert_eq!(p.notifications.len(), 1);
+    assert_eq!(p.notifications[0].offset, 6);
+    let senders: Vec<_> = p
+        .senders
+        .iter()
+        .map(|s| (s.from.as_str(), s.unread, s.first_offset, s.last_offset))
+        .collect();
+    assert_eq!(senders, [("bob", 2, 4, 5), ("carol", 1, 7, 7)]);
+    assert_eq!(p.senders[0].last.message_id, "b5");
+    assert!(p.receipts.is_empty());
+    let p = s.pending("alice", "laptop").await.unwrap();
+    assert_eq!(p.senders.len(), 1);
+
+    // Notifications: acknowledged by any device, then gone from pending.
+    let o = s
+        .acknowledge(
+            "alice",
+            AckRequest {
+                device: "phone".into(),
+                partition: Partition::Notification,
+                peer: None,
+                kind: ReceiptKind::Delivered,
+                up_to_offset: 6,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.covered, [(6, "n1".to_string())]);
+    assert_eq!(o.next_offset, 7);
+    assert!(
+        s.pending("alice", "laptop")
+            .await
+            .unwrap()
+            .notifications
+            .is_empty()
+    );
+
+    // Receipts partition.
+    let r = append(
+        &s,
+        "alice",
+        NewItem {
+            partition: Partition::Receipt,
+            ..chat("bob", "alice", "r1")
+        },
+    )
+    .await;
+    let p = s.pending("alice", "phone").await.unwrap();
+    assert_eq!(p.receipts.len(), 1);
+    let o = s
+        .acknowledge(
+            "alice",
+            AckRequest {
+                device: "phone".into(),
+                partition: Partition::Receipt,
+                peer: Some("bob".into()),
+                kind: ReceiptKind::Delivered,
+                up_to_offset: r.offset,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.covered.len(), 1);
+    assert!(
+        s.pending("alice", "phone")
+            .await
+            .unwrap()
+            .receipts
+            .is_empty()
+    );
+
+    // Bad requests.
+    assert!(matches!(
+        s.acknowledge(
+            "alice",
+            AckRequest {
+                peer: None,
+                ..ack("phone", "bob", ReceiptKind::Read, 1)
+            }
+        )
+        .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.read("../etc", read_chat("phone", "bob")).await,
+        Err(StoreError::InvalidUser(_))
+    ));
+    assert!(matches!(
+        s.enqueue_append("a/b", chat("bob", "a/b", "x")).await,
+        Err(StoreError::InvalidUser(_))
+    ));
+    s.shutdown().await;
+
+    // Everything (acknowledged flags, cursors) survives a restart.
+    let s = open(dir.path());
+    let p = s.pending("alice", "phone").await.unwrap();
+    assert!(p.notifications.is_empty() && p.receipts.is_empty());
+    assert_eq!(p.senders.len(), 2);
+    let r = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(offsets(&r), [4, 5]);
+    assert!(r.items.iter().all(|i| i.acknowledged));
+    s.shutdown().await;
+    let files = inspect_user(dir.path(), "alice").unwrap();
+    assert!(files.problems.is_empty());
+    assert_eq!(files.index.len(), 5);
+    assert!(
+        files
+            .queue
+            .iter()
+            .any(|(_, r)| r.kind == QueueRecordKind::Ack as i32)
+    );
+    assert!(!dir.path().join("bimip").join("..").join("etc").exists());
+}
+
+#[tokio::test]
+async fn resume_is_idempotent_and_survives_reopen() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    for i in 1..=3 {
+        append(&s, "alice", chat("bob", "alice", &format!("m{i}"))).await;
+    }
+    let a = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    let b = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(offsets(&a), [1, 2, 3]);
+    s.acknowledge("alice", ack("phone", "bob", ReceiptKind::Delivered, 2))
+        .await
+        .unwrap();
+    append(&s, "alice", chat("bob", "alice", "m4")).await;
+    let c = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(offsets(&c), [3, 4]);
+    s.shutdown().await;
+    let s = open(dir.path());
+    let d = s.read("alice", read_chat("phone", "bob")).await.unwrap();
+    assert_eq!(offsets(&d), [3, 4]);
+    assert_eq!(d, s.read("alice", read_chat("phone", "bob")).await.unwrap());
+    s.shutdown().await;
+}
+
+/// Writes three items for alice and returns the queue file's path.
+async fn three_items(dir: &Path) -> PathBuf {
+    let s = open(dir);
+    for i in 1..=3 {
+        append(&s, "alice", chat("bob", "alice", &format!("m{i}"))).await;
+    }
+    s.shutdown().await;
+    queue_path(dir, "alice")
+}
+
+#[tokio::test]
+async fn torn_last_line_is_cut_at_every_byte_position() {
+    let dir = TempDir::new().unwrap();
+    let path = three_items(dir.path()).await;
+    let full = std::fs::read(&path).unwrap();
+    let last_start = full[..full.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .unwrap()
+        + 1;
+    for cut in last_start + 1..full.len() {
+        std::fs::write(&path, &full[..cut]).unwrap();
+        let (s, report) = FileStore::open(config(dir.path())).unwrap();
+        assert_eq!(report.truncated.len(), 1, "cut at {cut}");
+        assert_eq!(report.truncated[0].0, path);
+        assert_eq!(report.truncated[0].1, 3);
+        assert_eq!(report.records, 2);
+        assert_eq!(std::fs::read(&path).unwrap(), &full[..last_start]);
+        let r = s.read("alice", read_chat("d", "bob")).await.unwrap();
+        assert_eq!(offsets(&r), [1, 2]);
+        s.shutdown().await;
+    }
+    // A complete last line with a flipped character (bad CRC or base64) is cut too.
+    let mut bad = full.clone();
+    bad[last_start + 5] = if bad[last_start + 5] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    std::fs::write(&path, &bad).unwrap();
+    let (s, report) = FileStore::open(config(dir.path())).unwrap();
+    assert_eq!(report.truncated.len(), 1);
+    assert_eq!(
+        append(&s, "alice", chat("bob", "alice", "m9")).await.offset,
+        3
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn mid_file_corruption_refuses_start_and_repair_fixes_it() {
+    let dir = TempDir::new().unwrap();
+    let path = three_items(dir.path()).await;
+    let full = std::fs::read(&path).unwrap();
+    let second = full.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let mut bad = full.clone();
+    bad[second + 3] = b'*';
+    std::fs::write(&path, &bad).unwrap();
+
+    match FileStore::open(config(dir.path())) {
+        Err(StoreError::Corrupt { path: p, line, .. }) => {
+            assert_eq!(p, path);
+            assert_eq!(line, 2);
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a corrupt file must refuse the start"),
+    }
+    // inspect reads it anyway.
+    let files = inspect_user(dir.path(), "alice").unwrap();
+    assert_eq!(files.queue.len(), 2);
+    assert_eq!(files.problems.len(), 1);
+    assert_eq!(files.problems[0].1, 2);
+
+    let (s, report) = FileStore::open(StoreConfig {
+        repair: true,
+        ..config(dir.path())
+    })
+    .unwrap();
+    assert_eq!(report.repaired.len(), 1);
+    assert_eq!((&report.repaired[0].0, report.repaired[0].1), (&path, 2));
+    let aside: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bimip_queue_alice.dat.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        std::fs::read(path.parent().unwrap().join(&aside[0])).unwrap(),
+        bad
+    );
+    let r = s.read("alice", read_chat("d", "bob")).await.unwrap();
+    assert_eq!(offsets(&r), [1, 3]);
+    assert_eq!(
+        append(&s, "alice", chat("bob", "alice", "m4")).await.offset,
+        4
+    );
+    s.shutdown().await;
+    assert!(FileStore::open(config(dir.path())).is_ok());
+}
+
+#[tokio::test]
+async fn misplaced_folder_is_reported() {
+    let dir = TempDir::new().unwrap();
+    let wrong = dir.path().join("bimip").join("zz").join("alice");
+    std::fs::create_dir_all(&wrong).unwrap();
+    assert!(matches!(
+        FileStore::open(config(dir.path())),
+        Err(StoreError::Corrupt { line: 0, .. })
+    ));
+    let (_s, report) = FileStore::open(StoreConfig {
+        repair: true,
+        ..config(dir.path())
+    })
+    .unwrap();
+    assert_eq!(report.repaired.len(), 1);
+}
+
+#[derive(Default)]
+struct Counter {
+    rounds: AtomicUsize,
+    appends: AtomicUsize,
+}
+
+impl StoreObserver for Counter {
+    fn fsync(&self, _took: Duration, appends: usize) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        self.appends.fetch_add(appends, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_shares_fsyncs() {
+    let dir = TempDir::new().unwrap();
+    let counter = Arc::new(Counter::default());
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        observer: Some(counter.clone()),
+        ..StoreConfig::new(dir.path())
+    })
+    .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut pending = Vec::new();
+            for i in 0..50 {
+                let user = format!("u{}", (t + i) % 4);
+                pending.push(
+                    s.enqueue_append(&user, chat("x", &user, &format!("{t}-{i}")))
+                        .await
+                        .unwrap(),
+                );
+            }
+            let mut last = 0;
+            for p in pending {
+                let a = p.wait().await.unwrap();
+                assert!(!a.duplicate);
+                let _ = std::mem::replace(&mut last, a.offset);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rounds = counter.rounds.load(Ordering::Relaxed);
+    assert_eq!(counter.appends.load(Ordering::Relaxed), 400);
+    assert!(rounds < 400, "{rounds} fsync rounds for 400 appends");
+    // One caller's appends are stored in its order.
+    let r = s
+        .read(
+            "u0",
+            ReadRequest {
+                device: "d".into(),
+                partition: Partition::Chat,
+                peer: Some("x".into()),
+                start: None,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.items.len(), 100);
+    for t in 0..8 {
+        let mine: Vec<u64> = r
+            .items
+            .iter()
+            .filter(|i| i.message_id.starts_with(&format!("{t}-")))
+            .map(|i| i.message_id[2..].parse().unwrap())
+            .collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]));
+    }
+    s.shutdown().await;
+}
+
+fn open_fds_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .count()
+}
+
+#[tokio::test]
+async fn open_files_are_bounded() {
+    let dir = TempDir::new().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        max_open_files: 4,
+        cache_users: 8,
+        ..StoreConfig::new(&dir_path)
+    })
+    .unwrap();
+    for round in 0..2 {
+        for u in 0..50 {
+            let user = format!("user{u}");
+            let a = append(&s, &user, chat("bob", &user, &format!("m{round}"))).await;
+            assert_eq!(a.offset, round + 1);
+            s.acknowledge(&user, ack("d", "bob", ReceiptKind::Delivered, 1))
+                .await
+                .unwrap();
+            assert!(open_fds_under(&dir_path) <= 4);
+        }
+    }
+    for u in 0..50 {
+        let user = format!("user{u}");
+        let r = s.read(&user, read_chat("d", "bob")).await.unwrap();
+        assert_eq!(offsets(&r), [2]);
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_is_an_error_for_that_user_only() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    append(&s, "alice", chat("bob", "alice", "m1")).await;
+    // Block carol's folder with a file, so creating her queue fails.
+    let cdir = user_dir(dir.path(), "carol");
+    std::fs::create_dir_all(cdir.parent().unwrap()).unwrap();
+    std::fs::write(&cdir, b"in the way").unwrap();
+    let r = s
+        .enqueue_append("carol", chat("bob", "carol", "m1"))
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert!(matches!(r, Err(StoreError::Io { .. })), "{r:?}");
+    assert_eq!(
+        append(&s, "alice", chat("bob", "alice", "m2")).await.offset,
+        2
+    );
+    let r = s.read("carol", read_chat("d", "bob")).await.unwrap();
+    assert!(r.items.is_empty(), "nothing half-written stays visible");
+    std::fs::remove_file(&cdir).unwrap();
+    assert_eq!(
+        append(&s, "carol", chat("bob", "carol", "m1")).await.offset,
+        1
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn fsync_modes_always_and_never_store_the_same() {
+    for mode in [FsyncMode::Always, FsyncMode::Never] {
+        let dir = TempDir::new().unwrap();
+        let counter = Arc::new(Counter::default());
+        let (s, _) = FileStore::open(StoreConfig {
+            fsync: mode,
+            observer: Some(counter.clone()),
+            ..config(dir.path())
+        })
+        .unwrap();
+        for i in 1..=5 {
+            assert_eq!(
+                append(&s, "alice", chat("bob", "alice", &format!("m{i}")))
+                    .await
+                    .offset,
+                i
+            );
+        }
+        s.shutdown().await;
+        let expected = if mode == FsyncMode::Always { 5 } else { 0 };
+        assert_eq!(counter.rounds.load(Ordering::Relaxed), expected);
+        let files = inspect_user(dir.path(), "alice").unwrap();
+        assert_eq!(files.queue.len(), 5);
+    }
+    assert!("batch".parse::<FsyncMode>().is_ok());
+    assert!("sometimes".parse::<FsyncMode>().is_err());
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append {
+            from: usize,
+            dup: bool,
+        },
+        Ack {
+            device: usize,
+            from: usize,
+            read: bool,
+            up: u64,
+        },
+        Read {
+            device: usize,
+            from: usize,
+        },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3usize, any::<bool>()).prop_map(|(from, dup)| Op::Append { from, dup }),
+            2 => (0..3usize, 0..3usize, any::<bool>(), 0..30u64)
+                .prop_map(|(device, from, read, up)| Op::Ack { device, from, read, up }),
+            2 => (0..3usize, 0..3usize).prop_map(|(device, from)| Op::Read { device, from }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    const SENDERS: [&str; 3] = ["bob", "carol", "dave"];
+    const DEVICES: [&str; 3] = ["phone", "laptop", "tablet"];
+
+    /// The simplest model: a list of (offset, sender, id) and a cursor map.
+    #[derive(Default)]
+    struct Model {
+        items: Vec<(u64, usize, String)>,
+        cursors: HashMap<(usize, usize, bool), u64>,
+        count: usize,
+    }
+
+    impl Model {
+        fn start(&self, device: usize, from: usize) -> u64 {
+            let own = [false, true]
+                .iter()
+                .filter_map(|k| self.cursors.get(&(device, from, *k)))
+                .max()
+                .copied();
+            own.or_else(|| {
+                self.cursors
+                    .iter()
+                    .filter(|((_, f, _), _)| *f == from)
+                    .map(|(_, v)| *v)
+                    .max()
+            })
+            .unwrap_or(1)
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let dir = TempDir::new().unwrap();
+                let mut s = open(dir.path());
+                let mut m = Model::default();
+                for op in ops {
+                    match op {
+                        Op::Append { from, dup } => {
+                            let id = if dup && m.count > 0 { format!("m{}", m.count - 1) } else { format!("m{}", m.count) };
+                            let a = append(&s, "alice", chat(SENDERS[from], "alice", &id)).await;
+                            match m.items.iter().find(|(_, f, i)| *f == from && *i == id) {
+                                Some((off, _, _)) => {
+                                    assert!(a.duplicate);
+                                    assert_eq!(a.offset, *off);
+                                }
+                                None => {
+                                    assert!(!a.duplicate);
+                                    assert_eq!(a.offset, m.items.last().map_or(1, |x| x.0 + 1));
+                                    m.items.push((a.offset, from, id));
+                                    m.count += 1;
+                                }
+                            }
+                        }
+                        Op::Ack { device, from, read, up } => {
+                            let kind = if read { ReceiptKind::Read } else { ReceiptKind::Delivered };
+                            let o = s.acknowledge("alice", ack(DEVICES[device], SENDERS[from], kind, up)).await.unwrap();
+                            let last = m.items.last().map_or(0, |x| x.0);
+                            let new = up.min(last) + 1;
+                            let cur = m.cursors.get(&(device, from, read)).copied().unwrap_or(1);
+                            if new > cur {
+                                m.cursors.insert((device, from, read), new);
+                            }
+                            assert_eq!(o.next_offset, cur.max(new));
+                        }
+                        Op::Read { device, from } => {
+                            let r = s.read("alice", read_chat(DEVICES[device], SENDERS[from])).await.unwrap();
+                            let start = m.start(device, from);
+                            let want: Vec<u64> = m.items.iter().filter(|(o, f, _)| *f == from && *o >= start).map(|x| x.0).collect();
+                            assert_eq!(offsets(&r), want);
+                        }
+                        Op::Reopen => {
+                            s.shutdown().await;
+                            s = open(dir.path());
+                        }
+                    }
+                }
+                s.shutdown().await;
+            });
+        }
+    }
+}
