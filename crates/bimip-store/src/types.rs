@@ -108,6 +108,7 @@ pub struct ReadRequest {
     pub partition: Partition,
     pub peer: Option<String>,
     pub start: Option<u64>,
+    /// Most items in one page; 0 means no limit.
     pub limit: usize,
 }
 

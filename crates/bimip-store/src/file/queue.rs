@@ -146,10 +146,19 @@ impl UserQueue {
     fn mark_acked(&mut self, partition: Partition, from: &str, up: u64) -> Vec<(u64, String)> {
         let mut newly = Vec::new();
         let items = &mut self.items;
-        for ((p, f), list) in self.by_key.iter_mut() {
-            if *p != partition || (!from.is_empty() && f != from) {
-                continue;
-            }
+        let lists: Vec<&mut KeyList> = if from.is_empty() {
+            self.by_key
+                .iter_mut()
+                .filter(|((p, _), _)| *p == partition)
+                .map(|(_, l)| l)
+                .collect()
+        } else {
+            self.by_key
+                .get_mut(&(partition, from.to_string()))
+                .into_iter()
+                .collect()
+        };
+        for list in lists {
             while let Some(&off) = list.offsets.get(list.acked_prefix) {
                 if off > up {
                     break;

@@ -808,3 +808,42 @@ mod model {
         }
     }
 }
+
+/// Start-up speed with many stored records (run in release: `cargo test --release -p bimip-store
+/// -- --ignored recovery_speed --nocapture`; the target is 1M records in < 2 s).
+#[test]
+#[ignore]
+fn recovery_speed() {
+    let dir = TempDir::new().unwrap();
+    let users = 1000;
+    let per_user = 1000;
+    for u in 0..users {
+        let user = format!("user{u}");
+        let mut buf = Vec::new();
+        for i in 1..=per_user {
+            let rec = QueueRecord {
+                offset: i,
+                partition: Partition::Chat as i32,
+                from: "bob".into(),
+                to: user.clone(),
+                payload: Bytes::from_static(b"hello there, a message of ordinary size"),
+                timestamp: 1_700_000_000_000 + i as i64,
+                message_id: format!("m{i}"),
+                device: "phone".into(),
+                ..Default::default()
+            };
+            record::encode_line_into(&rec, &mut buf);
+        }
+        let path = queue_path(dir.path(), &user);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, buf).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let (_s, report) = FileStore::open(config(dir.path())).unwrap();
+    let took = t.elapsed();
+    eprintln!(
+        "recovered {} records of {} users in {took:?}",
+        report.records, report.users
+    );
+    assert_eq!(report.records, users * per_user);
+}
