@@ -141,7 +141,9 @@ mod tests {
     #[test]
     fn json_accepts_numbers_and_enum_numbers() {
         let f = Codec::Json
-            .decode_text(r#"{"ref":3,"message":{"id":"x","to":"b","partition":1,"unknownField":1}}"#)
+            .decode_text(
+                r#"{"ref":3,"message":{"id":"x","to":"b","partition":1,"unknownField":1}}"#,
+            )
             .expect("lenient input");
         assert_eq!(f.r#ref, 3);
     }
@@ -151,7 +153,10 @@ mod tests {
         let Encoded::Binary(b) = Codec::Binary.encode(&sample()) else {
             panic!("binary codec makes bytes")
         };
-        assert_eq!(Codec::Binary.decode_binary(&b).expect("round trip"), sample());
+        assert_eq!(
+            Codec::Binary.decode_binary(&b).expect("round trip"),
+            sample()
+        );
         assert!(matches!(
             Codec::Binary.decode_binary(&[]),
             Err(DecodeError::NoBody)

@@ -12,7 +12,9 @@ pub enum IdError {
         len: usize,
         max: usize,
     },
-    #[error("{what} contains {found:?} at byte {at}; allowed: A-Z a-z 0-9 . _ @ + - (not starting with '.')")]
+    #[error(
+        "{what} contains {found:?} at byte {at}; allowed: A-Z a-z 0-9 . _ @ + - (not starting with '.')"
+    )]
     BadChar {
         what: &'static str,
         found: char,
@@ -42,11 +44,7 @@ fn check_charset(what: &'static str, s: &str, max: usize) -> Result<(), IdError>
     for (at, c) in s.char_indices() {
         let ok = c.is_ascii() && allowed(c as u8) && !(at == 0 && c == '.');
         if !ok {
-            return Err(IdError::BadChar {
-                what,
-                found: c,
-                at,
-            });
+            return Err(IdError::BadChar { what, found: c, at });
         }
     }
     Ok(())
@@ -92,7 +90,15 @@ mod tests {
 
     #[test]
     fn accepts_the_spec_charset() {
-        for ok in ["alice", "a", "A.b_c@d+e-f", "0", "_x", "-", "user@example.com"] {
+        for ok in [
+            "alice",
+            "a",
+            "A.b_c@d+e-f",
+            "0",
+            "_x",
+            "-",
+            "user@example.com",
+        ] {
             assert_eq!(validate_user_id(ok), Ok(()), "{ok}");
         }
         assert!(validate_user_id(&"x".repeat(128)).is_ok());
@@ -100,7 +106,9 @@ mod tests {
 
     #[test]
     fn refuses_path_tricks_and_lookalikes() {
-        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a\0b", "a b", "аlice", "a:b", "x\n"] {
+        for bad in [
+            "", ".", "..", ".hidden", "a/b", "a\\b", "a\0b", "a b", "аlice", "a:b", "x\n",
+        ] {
             assert!(validate_user_id(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(validate_user_id(&"x".repeat(129)).is_err());

@@ -181,7 +181,11 @@ impl Conn {
                             }
                         }
                         Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                        Ok(Message::Close(_)) => return End::Gone,
+                        Ok(Message::Close(_)) => {
+                            // tungstenite queued the close reply; flushing completes the handshake.
+                            let _ = self.socket.flush().await;
+                            return End::Gone;
+                        }
                         Err(e) => return read_error(e),
                     }
                 }

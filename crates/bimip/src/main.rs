@@ -8,7 +8,11 @@ mod token;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bimip", version, about = "Presence and message-delivery server for chat apps")]
+#[command(
+    name = "bimip",
+    version,
+    about = "Presence and message-delivery server for chat apps"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

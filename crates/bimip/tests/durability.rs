@@ -145,7 +145,7 @@ async fn a_torn_last_line_is_cut_on_start_and_mid_file_corruption_refuses_start(
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("bimip_queue_bob.dat:1")),
+        err.contains("bimip_queue_bob.dat:1"),
         "names file and line: {err}"
     );
     // --repair starts anyway and keeps the original aside.

@@ -195,12 +195,7 @@ async fn an_oversized_frame_closes_the_connection_with_1009() {
     c.send_message("bob", "big", vec![b'x'; 10_000])
         .await
         .unwrap();
-    loop {
-        match c.recv_timeout(T).await {
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => break,
-        }
-    }
+    while let Ok(Some(_)) = c.recv_timeout(T).await {}
     let close = c.close_info().expect("close frame");
     assert_eq!(close.code, 1009, "{close:?}");
 }
@@ -440,11 +435,6 @@ async fn without_an_api_key_the_backend_api_is_off_and_sigterm_exits_cleanly() {
     let (mut c, _) = s.online("alice", "d").await;
     let code = s.terminate();
     assert_eq!(code, Some(0), "clean exit on SIGTERM");
-    loop {
-        match c.recv_timeout(T).await {
-            Ok(Some(_)) => continue,
-            _ => break,
-        }
-    }
+    while let Ok(Some(_)) = c.recv_timeout(T).await {}
     assert_eq!(c.close_info().map(|i| i.code), Some(1001));
 }
