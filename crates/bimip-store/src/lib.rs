@@ -3,7 +3,8 @@
 //! [`Store`] is what the server talks to; today it has one backend, the embedded file store of
 //! SPEC §6.1 ([`FileStore`]), and a Redis backend will join it as another variant with the same
 //! semantics. Every operation is scoped to one user's queue; all operations on one user are applied
-//! in the order they were enqueued (see [`Store::enqueue_append`]).
+//! in the order they were enqueued (see [`Store::enqueue_append`]). Next to the queue, each user
+//! has a profile (contacts, blocks, intent, invisibility, last seen): see [`ProfileStore`].
 
 pub mod error;
 pub mod file;
@@ -64,6 +65,63 @@ pub trait QueueStore: Send + Sync {
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }
 
+/// Per-user profiles (SPEC §2): contacts, blocks, intent, invisibility and last seen.
+///
+/// Relations have two sides kept by different users (`A.contacts[B]` and `B.listed_by[A]`,
+/// `A.blocks ∋ B` and `B.blocked_by ∋ A`), possibly on different shards. A change is applied one
+/// user at a time through each user's own writer (never holding one while waiting on another),
+/// and changes touching the same users are serialized, so the sides agree once a call returns.
+/// The order is chosen so that a crash (or an I/O error) in the middle leaves at most an extra
+/// *reverse* entry (in `listed_by` / `blocked_by`), never a forward entry without its reverse:
+/// when adding, the other user's reverse side is written first, then the user's own side; when
+/// removing, the user's own side first, then the reverse side. Repeating the call repairs it
+/// (removals always clear the reverse side, even when the forward side was already gone).
+///
+/// Every change is durable (under the configured fsync mode) before the call returns, except a
+/// [`PresenceUpdate`] that changes only `last_seen`, which is advisory: it is visible at once and
+/// written shortly after (within about a second, at eviction from the cache, or at shutdown).
+pub trait ProfileStore: Send + Sync {
+    /// A copy of the user's current profile (empty for a user never seen).
+    fn profile(&self, user: &str) -> impl Future<Output = Result<Profile, StoreError>> + Send;
+
+    /// Adds or updates `user`'s contacts (`(contact, one_way)`; for a repeated contact the last
+    /// flag wins) and sets `user` in each contact's `listed_by` with the same flag. With
+    /// `replace`, contacts of `user` not in `entries` are removed too (both sides). Returns how
+    /// many entries were added or had their flag changed (removals are not counted). Every id is
+    /// validated first ([`StoreError::InvalidUser`]); listing oneself is [`StoreError::Invalid`].
+    fn put_contacts(
+        &self,
+        user: &str,
+        entries: Vec<(String, bool)>,
+        replace: bool,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Removes `contact` from `user`'s contacts and `user` from `contact`'s `listed_by`;
+    /// returns whether the contact existed.
+    fn remove_contact(
+        &self,
+        user: &str,
+        contact: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// `user` blocks (or unblocks) `other`: `user.blocks` and `other.blocked_by`. Returns whether
+    /// `user`'s block list changed. Blocking oneself is [`StoreError::Invalid`].
+    fn set_block(
+        &self,
+        user: &str,
+        other: &str,
+        blocked: bool,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Changes the user's intent, invisibility and/or last seen (see [`PresenceUpdate`]) and
+    /// returns the resulting profile.
+    fn set_presence(
+        &self,
+        user: &str,
+        update: PresenceUpdate,
+    ) -> impl Future<Output = Result<Profile, StoreError>> + Send;
+}
+
 impl Store {
     /// Appends and waits for durability.
     pub async fn append(&self, user: &str, item: NewItem) -> Result<Appended, StoreError> {
@@ -99,6 +157,43 @@ impl QueueStore for Store {
     async fn shutdown(&self) {
         match self {
             Store::File(s) => s.shutdown().await,
+        }
+    }
+}
+
+impl ProfileStore for Store {
+    async fn profile(&self, user: &str) -> Result<Profile, StoreError> {
+        match self {
+            Store::File(s) => s.profile(user).await,
+        }
+    }
+    async fn put_contacts(
+        &self,
+        user: &str,
+        entries: Vec<(String, bool)>,
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::File(s) => s.put_contacts(user, entries, replace).await,
+        }
+    }
+    async fn remove_contact(&self, user: &str, contact: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::File(s) => s.remove_contact(user, contact).await,
+        }
+    }
+    async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<bool, StoreError> {
+        match self {
+            Store::File(s) => s.set_block(user, other, blocked).await,
+        }
+    }
+    async fn set_presence(
+        &self,
+        user: &str,
+        update: PresenceUpdate,
+    ) -> Result<Profile, StoreError> {
+        match self {
+            Store::File(s) => s.set_presence(user, update).await,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Values that cross the store boundary.
 
-use bimip_proto::v1::{self, Partition, ReceiptKind};
+use std::collections::{BTreeMap, BTreeSet};
+
+use bimip_proto::v1::{self, Partition, ReceiptKind, Status};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
@@ -157,4 +159,91 @@ impl<T> Pending<T> {
     pub async fn wait(self) -> Result<T, StoreError> {
         self.rx.await.unwrap_or(Err(StoreError::Closed))
     }
+}
+
+/// One user's profile (SPEC §2): contact lists in both directions, blocks in both directions,
+/// intent, invisibility and last seen, decoded from `bimip_profile_<user>.dat`.
+///
+/// The reverse sides (`listed_by`, `blocked_by`) are maintained by the store together with the
+/// forward sides of the other users: `A ∈ B.listed_by ⇔ B ∈ A.contacts` (with the same `one_way`
+/// flag) and `A ∈ B.blocked_by ⇔ B ∈ A.blocks`. A crash in the middle of a cross-user change can
+/// leave at most an extra reverse entry (see [`crate::ProfileStore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Profile {
+    /// Users this user listed → `one_way` (this user sees them, they do not see this user).
+    pub contacts: BTreeMap<String, bool>,
+    /// Users that listed this user → their `one_way` flag.
+    pub listed_by: BTreeMap<String, bool>,
+    /// Users this user blocks.
+    pub blocks: BTreeSet<String>,
+    /// Users blocking this user.
+    pub blocked_by: BTreeSet<String>,
+    /// `Unspecified` = no intent; else `Away`, `Busy` or `Dnd`.
+    pub intent: Status,
+    pub details: String,
+    /// Unix ms when the intent was last set or cleared (0 = never).
+    pub intent_at: i64,
+    pub invisible: bool,
+    /// Unix ms when the user turned invisible (0 when visible).
+    pub invisible_since: i64,
+    /// Unix ms, advisory (0 = unknown).
+    pub last_seen: i64,
+}
+
+impl Profile {
+    /// Who sees this user's awareness under the `contacts` policy: everyone who listed this user,
+    /// plus this user's own contacts listed without `one_way` (contacts are mutual unless
+    /// `one_way`); never a user this user blocks.
+    pub fn watchers(&self) -> BTreeSet<String> {
+        self.listed_by
+            .keys()
+            .chain(
+                self.contacts
+                    .iter()
+                    .filter(|(_, one_way)| !**one_way)
+                    .map(|(u, _)| u),
+            )
+            .filter(|u| !self.blocks.contains(*u))
+            .cloned()
+            .collect()
+    }
+
+    /// Whose awareness this user sees: its contacts, plus users that listed it without
+    /// `one_way`; never a user that blocks this user.
+    pub fn watching(&self) -> BTreeSet<String> {
+        self.contacts
+            .keys()
+            .chain(
+                self.listed_by
+                    .iter()
+                    .filter(|(_, one_way)| !**one_way)
+                    .map(|(u, _)| u),
+            )
+            .filter(|u| !self.blocked_by.contains(*u))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `viewer` is one of [`Self::watchers`] (without building the set).
+    pub fn may_see(&self, viewer: &str) -> bool {
+        !self.blocks.contains(viewer)
+            && (self.listed_by.contains_key(viewer) || self.contacts.get(viewer) == Some(&false))
+    }
+
+    /// Whether the user has an intent (AWAY, BUSY or DND) set.
+    pub fn has_intent(&self) -> bool {
+        self.intent != Status::Unspecified
+    }
+}
+
+/// A change of a user's own awareness state; `None` fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PresenceUpdate {
+    /// `Away`/`Busy`/`Dnd` with details sets the intent; `Unspecified` or `Online` clears it;
+    /// any other status is [`StoreError::Invalid`].
+    pub intent: Option<(Status, String)>,
+    /// Turning invisible on sets `invisible_since` to now; turning it off resets it to 0.
+    pub invisible: Option<bool>,
+    /// Unix ms. Advisory: an update that changes only this may reach the disk a little later.
+    pub last_seen: Option<i64>,
 }

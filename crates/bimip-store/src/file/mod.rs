@@ -2,6 +2,7 @@
 //! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]).
 
+mod profile;
 mod queue;
 pub mod record;
 mod recovery;
@@ -18,13 +19,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
+use profile::{Edit, Edited};
 use shard::{Cmd, Shard, ShardConfig};
 
 use crate::{
-    AckOutcome, AckRequest, Appended, NewItem, Pending, PendingForDevice, QueueStore, ReadBatch,
-    ReadRequest, StoreError,
+    AckOutcome, AckRequest, Appended, NewItem, Pending, PendingForDevice, PresenceUpdate, Profile,
+    ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError,
 };
 
 /// When appends are fsynced before they are acknowledged.
@@ -93,7 +95,16 @@ pub struct FileStore {
 struct Inner {
     shards: Vec<mpsc::Sender<Cmd>>,
     closed: AtomicBool,
+    /// Serializes profile changes that touch the same users (striped by user id hash): a
+    /// cross-user change locks the stripes of every user it touches, in index order.
+    relation_locks: Vec<Mutex<()>>,
 }
+
+/// Stripes of [`Inner::relation_locks`].
+const RELATION_STRIPES: usize = 64;
+
+/// How often shards are asked to write profiles whose last seen is only in memory.
+const LAZY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl StoreConfig {
     /// Defaults for `data_dir`: group commit, a few shards, bounded caches, no repair.
@@ -151,6 +162,23 @@ impl FileStore {
                 .map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
             shards.push(tx);
         }
+        // Asks every shard to write lazily kept last-seen changes, until the store is dropped or
+        // shut down (weak senders: this thread never keeps a shard alive).
+        let weak: Vec<mpsc::WeakSender<Cmd>> = shards.iter().map(|s| s.downgrade()).collect();
+        std::thread::Builder::new()
+            .name("bimip-store-tick".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(LAZY_FLUSH_INTERVAL);
+                    for w in &weak {
+                        let Some(tx) = w.upgrade() else { return };
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Cmd::Tick) {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
         tracing::info!(
             users = report.users,
             records = report.records,
@@ -163,6 +191,7 @@ impl FileStore {
                 inner: Arc::new(Inner {
                     shards,
                     closed: AtomicBool::new(false),
+                    relation_locks: (0..RELATION_STRIPES).map(|_| Mutex::new(())).collect(),
                 }),
             },
             report,
@@ -175,6 +204,180 @@ impl FileStore {
         }
         let shard = &self.inner.shards[shard_of(user, self.inner.shards.len())];
         shard.send(cmd).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Applies one user's side of a profile change through that user's shard.
+    async fn edit_profile(&self, user: &str, edit: Edit) -> Result<Edited, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::EditProfile {
+            user: user.to_string(),
+            edit,
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Locks the relation stripes of `users` in index order (no deadlock between callers).
+    async fn lock_relations<'s, 'u>(
+        &'s self,
+        users: impl IntoIterator<Item = &'u str>,
+    ) -> Vec<MutexGuard<'s, ()>> {
+        let mut stripes: Vec<usize> = users
+            .into_iter()
+            .map(|u| shard_of(u, RELATION_STRIPES))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.inner.relation_locks[i].lock().await);
+        }
+        guards
+    }
+}
+
+impl ProfileStore for FileStore {
+    async fn profile(&self, user: &str) -> Result<Profile, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Profile {
+            user: user.to_string(),
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    async fn put_contacts(
+        &self,
+        user: &str,
+        entries: Vec<(String, bool)>,
+        replace: bool,
+    ) -> Result<usize, StoreError> {
+        check_user(user)?;
+        for (c, _) in &entries {
+            check_user(c)?;
+        }
+        if entries.iter().any(|(c, _)| c == user) {
+            return Err(StoreError::Invalid(format!(
+                "user {user:?} cannot list itself as a contact"
+            )));
+        }
+        // The last flag of a repeated contact wins.
+        let wanted: std::collections::BTreeMap<String, bool> = entries.iter().cloned().collect();
+        // `replace` also touches the current contacts: lock them too, and start over if they
+        // changed before the locks were held.
+        let mut known: Vec<String> = Vec::new();
+        loop {
+            let _guards = self
+                .lock_relations(
+                    std::iter::once(user)
+                        .chain(wanted.keys().map(String::as_str))
+                        .chain(known.iter().map(String::as_str)),
+                )
+                .await;
+            let cur = self.profile(user).await?;
+            if replace {
+                let missing: Vec<String> = cur
+                    .contacts
+                    .keys()
+                    .filter(|c| !wanted.contains_key(*c) && !known.contains(*c))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    known.extend(missing);
+                    continue;
+                }
+            }
+            // Reverse sides of new or changed entries first ...
+            for (c, one_way) in &wanted {
+                if cur.contacts.get(c) != Some(one_way) {
+                    let by = user.to_string();
+                    let edit = Edit::ListedBy {
+                        by,
+                        one_way: Some(*one_way),
+                    };
+                    self.edit_profile(c, edit).await?;
+                }
+            }
+            // ... then the user's own side ...
+            let own = self
+                .edit_profile(
+                    user,
+                    Edit::Contacts {
+                        entries: wanted.clone().into_iter().collect(),
+                        replace,
+                    },
+                )
+                .await?;
+            // ... and for dropped contacts the reverse side last.
+            for c in &own.removed {
+                let edit = Edit::ListedBy {
+                    by: user.to_string(),
+                    one_way: None,
+                };
+                self.edit_profile(c, edit).await?;
+            }
+            return Ok(own.changed);
+        }
+    }
+
+    async fn remove_contact(&self, user: &str, contact: &str) -> Result<bool, StoreError> {
+        check_user(user)?;
+        check_user(contact)?;
+        let _guards = self.lock_relations([user, contact]).await;
+        let edit = Edit::RemoveContact {
+            contact: contact.to_string(),
+        };
+        let existed = self.edit_profile(user, edit).await?.changed > 0;
+        // Always, so that repeating the call clears a reverse entry a crash left behind.
+        let edit = Edit::ListedBy {
+            by: user.to_string(),
+            one_way: None,
+        };
+        self.edit_profile(contact, edit).await?;
+        Ok(existed)
+    }
+
+    async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<bool, StoreError> {
+        check_user(user)?;
+        check_user(other)?;
+        if user == other {
+            return Err(StoreError::Invalid(format!(
+                "user {user:?} cannot block itself"
+            )));
+        }
+        let _guards = self.lock_relations([user, other]).await;
+        let reverse = Edit::BlockedBy {
+            by: user.to_string(),
+            blocked,
+        };
+        let own = Edit::Block {
+            other: other.to_string(),
+            blocked,
+        };
+        let changed = if blocked {
+            self.edit_profile(other, reverse).await?;
+            self.edit_profile(user, own).await?.changed > 0
+        } else {
+            let changed = self.edit_profile(user, own).await?.changed > 0;
+            self.edit_profile(other, reverse).await?;
+            changed
+        };
+        Ok(changed)
+    }
+
+    async fn set_presence(
+        &self,
+        user: &str,
+        update: PresenceUpdate,
+    ) -> Result<Profile, StoreError> {
+        check_user(user)?;
+        Ok(self
+            .edit_profile(user, Edit::Presence(update))
+            .await?
+            .profile)
     }
 }
 
@@ -259,11 +462,16 @@ pub struct UserFiles {
     /// (line number, record), in file order.
     pub queue: Vec<(u64, bimip_proto::store::QueueRecord)>,
     pub index: Vec<(u64, bimip_proto::store::IndexRecord)>,
+    /// `bimip_profile_<user>.dat` (contacts, blocks, intent, invisibility, last seen).
+    pub profile_path: PathBuf,
+    /// The decoded profile; `None` when the user has no profile file (or it is undecodable,
+    /// which is then listed in `problems`).
+    pub profile: Option<bimip_proto::store::Profile>,
     /// Lines that could not be decoded: (file, line number, reason).
     pub problems: Vec<(PathBuf, u64, String)>,
 }
 
-/// Decodes both files of `user` under `data_dir` without changing them.
+/// Decodes the files of `user` under `data_dir` without changing them.
 pub fn inspect_user(data_dir: &std::path::Path, user: &str) -> Result<UserFiles, StoreError> {
     recovery::inspect(data_dir, user)
 }

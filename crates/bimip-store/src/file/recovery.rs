@@ -192,6 +192,14 @@ fn recover_user(data_dir: &Path, user: &str, repair: bool) -> Result<UserReport,
     recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
     let i = index_path(data_dir, user);
     recover_file::<IndexRecord>(&i, repair, |_| Ok(()), &mut report)?;
+    match super::profile::recover(data_dir, user, repair)? {
+        super::profile::Recovered::Ok { records } => report.records += records,
+        super::profile::Recovered::MovedAside(line, reason) => report.repaired.push((
+            super::profile::profile_path(data_dir, user),
+            line,
+            format!("{reason}; moved aside, the user starts with an empty profile"),
+        )),
+    }
     Ok(report)
 }
 
@@ -340,8 +348,14 @@ pub(crate) fn inspect(data_dir: &Path, user: &str) -> Result<UserFiles, StoreErr
     let mut out = UserFiles {
         queue_path: queue_path(data_dir, user),
         index_path: index_path(data_dir, user),
+        profile_path: super::profile::profile_path(data_dir, user),
         ..Default::default()
     };
+    match super::profile::read_record(&out.profile_path) {
+        Ok(p) => out.profile = p,
+        Err(StoreError::Corrupt { path, line, reason }) => out.problems.push((path, line, reason)),
+        Err(e) => return Err(e),
+    }
     for l in decode_all::<QueueRecord>(&read_or_empty(&out.queue_path)?) {
         match l.result {
             Ok(r) => out.queue.push((l.number, r)),

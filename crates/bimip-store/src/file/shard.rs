@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use tokio::sync::{mpsc, oneshot};
 
+use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path};
 use super::queue::{Lines, UserQueue};
 use super::recovery::{io_err, load_user};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
-    AckOutcome, AckRequest, Appended, NewItem, PendingForDevice, ReadBatch, ReadRequest, StoreError,
+    AckOutcome, AckRequest, Appended, NewItem, PendingForDevice, Profile, ReadBatch, ReadRequest,
+    StoreError,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -45,6 +47,17 @@ pub(crate) enum Cmd {
         device: String,
         reply: Reply<PendingForDevice>,
     },
+    Profile {
+        user: String,
+        reply: Reply<Profile>,
+    },
+    EditProfile {
+        user: String,
+        edit: Edit,
+        reply: Reply<Edited>,
+    },
+    /// Periodic: write profiles whose advisory changes (last seen) are only in memory.
+    Tick,
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -57,6 +70,9 @@ impl Cmd {
             Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Read { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Pending { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Profile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Tick => {}
             Cmd::Shutdown { reply } => drop(reply.send(())),
         }
     }
@@ -94,6 +110,10 @@ struct Dirty {
 /// Most commands applied per group commit, so one batch's latency stays bounded.
 const MAX_BATCH: usize = 1024;
 
+/// Most profiles with advisory-only changes written per [`Cmd::Tick`], so a tick after a burst of
+/// disconnects does not stall the shard's queue work for long.
+const LAZY_PER_TICK: usize = 256;
+
 pub(crate) struct ShardConfig {
     pub data_dir: PathBuf,
     pub mode: FsyncMode,
@@ -111,6 +131,12 @@ pub(crate) struct Shard {
     dirty: HashMap<String, Dirty>,
     /// With `FsyncMode::Never`: files written since their last fsync, synced at shutdown.
     unsynced: HashSet<PathBuf>,
+    /// With `FsyncMode::Never`: folders with renames since their last fsync, synced at shutdown.
+    unsynced_dirs: HashSet<PathBuf>,
+    /// Decoded profiles, bounded like `users` (trimmed to `cache_users` after each batch).
+    profiles: LruCache<String, StoredProfile>,
+    /// Users whose cached profile has advisory changes (last seen) not yet written.
+    lazy: HashSet<String>,
 }
 
 /// Gets a user's state, loading it from its files on first touch.
@@ -136,6 +162,9 @@ impl Shard {
             files: LruCache::new(cap),
             dirty: HashMap::new(),
             unsynced: HashSet::new(),
+            unsynced_dirs: HashSet::new(),
+            profiles: LruCache::unbounded(),
+            lazy: HashSet::new(),
             cfg,
         }
     }
@@ -174,12 +203,14 @@ impl Shard {
                 while let Ok(c) = rx.try_recv() {
                     c.refuse();
                 }
+                self.flush_lazy(usize::MAX);
                 self.sync_unsynced();
                 let _ = reply.send(());
                 return;
             }
         }
         self.commit();
+        self.flush_lazy(usize::MAX);
         self.sync_unsynced();
     }
 
@@ -236,9 +267,85 @@ impl Shard {
                 let _ = reply.send(r);
                 false
             }
+            Cmd::Profile { user, reply } => {
+                let r = self.profile_state(&user).map(|p| p.profile.clone());
+                let _ = reply.send(r);
+                false
+            }
+            Cmd::EditProfile { user, edit, reply } => {
+                let _ = reply.send(self.edit_profile(&user, edit, now));
+                false
+            }
+            Cmd::Tick => {
+                self.flush_lazy(LAZY_PER_TICK);
+                false
+            }
             Cmd::Shutdown { reply } => {
                 let _ = reply.send(());
                 false
+            }
+        }
+    }
+
+    /// Gets a user's profile, loading it from its file on first touch.
+    fn profile_state(&mut self, user: &str) -> Result<&mut StoredProfile, StoreError> {
+        if !self.profiles.contains(user) {
+            let p = profile::load(&self.cfg.data_dir, user)?;
+            self.profiles.put(user.to_string(), p);
+        }
+        self.profiles
+            .get_mut(user)
+            .ok_or_else(|| StoreError::Invalid("profile state vanished".into()))
+    }
+
+    /// Writes one profile file; under `FsyncMode::Never` only remembers it for shutdown.
+    fn write_profile(&mut self, user: &str, p: &StoredProfile) -> Result<(), StoreError> {
+        let path = profile_path(&self.cfg.data_dir, user);
+        let sync = self.cfg.mode != FsyncMode::Never;
+        profile::write(&path, &p.to_record(), sync)?;
+        if !sync {
+            if let Some(dir) = path.parent() {
+                self.unsynced_dirs.insert(dir.to_path_buf());
+            }
+            self.unsynced.insert(path);
+        }
+        Ok(())
+    }
+
+    /// Applies one side of a profile change. Memory changes only once the file is replaced;
+    /// advisory-only changes are kept in memory and written later ([`Self::flush_lazy`]).
+    fn edit_profile(&mut self, user: &str, edit: Edit, now: i64) -> Result<Edited, StoreError> {
+        let cur = self.profile_state(user)?;
+        let (next, durability, changed, removed) = profile::apply(cur, edit, now)?;
+        match durability {
+            Durability::Unchanged => {}
+            Durability::Advisory => {
+                self.profiles.put(user.to_string(), next.clone());
+                self.lazy.insert(user.to_string());
+            }
+            Durability::Durable => {
+                self.write_profile(user, &next)?;
+                self.lazy.remove(user);
+                self.profiles.put(user.to_string(), next.clone());
+            }
+        }
+        Ok(Edited {
+            changed,
+            removed,
+            profile: next.profile,
+        })
+    }
+
+    /// Writes (durably) up to `limit` profiles with advisory changes only in memory.
+    fn flush_lazy(&mut self, limit: usize) {
+        let users: Vec<String> = self.lazy.iter().take(limit).cloned().collect();
+        for user in users {
+            self.lazy.remove(&user);
+            let Some(p) = self.profiles.peek(&user).cloned() else {
+                continue;
+            };
+            if let Err(e) = self.write_profile(&user, &p) {
+                tracing::error!(user, error = %e, "could not write a profile's last seen");
             }
         }
     }
@@ -392,6 +499,14 @@ impl Shard {
         while self.users.len() > cap {
             self.users.pop_lru();
         }
+        while self.profiles.len() > cap {
+            if let Some((user, p)) = self.profiles.pop_lru()
+                && self.lazy.remove(&user)
+                && let Err(e) = self.write_profile(&user, &p)
+            {
+                tracing::error!(user, error = %e, "could not write a profile's last seen");
+            }
+        }
     }
 
     /// Fsyncs what `FsyncMode::Never` left unsynced (at shutdown: "fsyncs everything").
@@ -403,6 +518,11 @@ impl Shard {
             };
             if let Err(e) = r {
                 tracing::error!(file = %path.display(), error = %e, "fsync at shutdown failed");
+            }
+        }
+        for dir in std::mem::take(&mut self.unsynced_dirs) {
+            if let Err(e) = super::recovery::sync_dir(&dir) {
+                tracing::error!(error = %e, "fsync of a folder at shutdown failed");
             }
         }
     }
