@@ -1,5 +1,6 @@
 //! `bimip`: the server and its tools in one binary.
 
+mod bench;
 mod client;
 mod inspect;
 mod serve;
@@ -28,6 +29,8 @@ enum Command {
     Client(client::ClientArgs),
     /// Print a user's queue and device cursors from the data dir, decoded.
     Inspect(inspect::InspectArgs),
+    /// Load generator: chat, offline, idle, presence and mixed scenarios against a server.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Command::Token(args) => token::run(args),
         Command::Client(args) => runtime.block_on(client::run(args)),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }
