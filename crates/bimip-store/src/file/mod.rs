@@ -3,6 +3,8 @@
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]).
 
 mod profile;
+#[cfg(test)]
+mod profile_tests;
 mod queue;
 pub mod record;
 mod recovery;
@@ -104,7 +106,10 @@ struct Inner {
 const RELATION_STRIPES: usize = 64;
 
 /// How often shards are asked to write profiles whose last seen is only in memory.
+#[cfg(not(test))]
 const LAZY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const LAZY_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 impl StoreConfig {
     /// Defaults for `data_dir`: group commit, a few shards, bounded caches, no repair.
