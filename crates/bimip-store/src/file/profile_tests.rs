@@ -577,7 +577,7 @@ mod model {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
         #[test]
         fn relations_stay_symmetric(ops in proptest::collection::vec(op(), 1..30)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
