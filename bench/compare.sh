@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: bimip's scenarios at the sizes of the peers' table
+# (shared/peers/RESULTS.md), optionally the peers' own suites (ejabberd, mosquitto) in the same
+# run, then one markdown table with ratios.
+#
+# usage: bench/compare.sh [--peers] [--quick] [--no-build] [--out DIR]
+#   --peers     also run ejabberd and mosquitto (installed from Debian if missing) with the
+#               peers' drivers in ../shared/peers; otherwise their figures come from
+#               ../shared/peers/results/*.jsonl (RESULTS.md), measured earlier
+#   --quick     small sizes (a minute or so), to check the pipeline
+#   --no-build  use target/release/bimip as it is
+#   --out DIR   where the JSON lines and the table go [bench/results]
+#
+# Loopback only. Every scenario is bounded (`timeout`), the server is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PEERS_DIR=$ROOT/../shared/peers
+RUN_PEERS=0; QUICK=0; BUILD=1; OUT=$ROOT/bench/results
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --peers) RUN_PEERS=1 ;;
+    --quick) QUICK=1 ;;
+    --no-build) BUILD=0 ;;
+    --out) OUT=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$OUT"
+ulimit -n "$(ulimit -Hn)" || true
+echo "open files limit: $(ulimit -n)" >&2
+
+if [ $BUILD = 1 ]; then
+  cargo build --release -p bimip
+fi
+BIN=$ROOT/target/release/bimip
+STAMP=$(date +%Y%m%dT%H%M%S)
+RES=$OUT/bimip-$STAMP.jsonl
+
+DATA=$(mktemp -d /tmp/bimip-bench.XXXXXX)
+BIMIP_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+BIMIP_API_KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export BIMIP_JWT_SECRET BIMIP_API_KEY
+"$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" --fsync batch --log warn \
+  >"$DATA/server.out" 2>"$DATA/server.err" &
+PID=$!
+cleanup() {
+  if kill -0 "$PID" 2>/dev/null; then
+    kill -TERM "$PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$PID" 2>/dev/null || true
+  fi
+  rm -rf "$DATA"
+}
+trap cleanup EXIT
+ADDR=
+for _ in $(seq 100); do
+  ADDR=$(sed -n 's/^bimip listening on http:\/\/\([^ ]*\) .*/\1/p' "$DATA/server.out" | head -1)
+  [ -n "$ADDR" ] && break
+  kill -0 "$PID" 2>/dev/null || { cat "$DATA/server.err" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$ADDR" ] || { echo "the server did not report its address" >&2; exit 1; }
+echo "bimip serve pid $PID on $ADDR, data in $DATA, results in $RES" >&2
+
+B="timeout 660 $BIN bench --url ws://$ADDR/ws --server-pid $PID --label bimip --results $RES --quiet"
+run() { echo "+ bimip bench $*" >&2; $B "$@" >/dev/null || echo "  (failed: $*)" >&2; }
+
+if [ $QUICK = 1 ]; then
+  run chat --pairs 100 --rate 1000 --duration 3 --warmup 1
+  run chat --pairs 100 --rate 0 --window 10 --duration 3 --warmup 1
+  run offline --messages 1000
+  run presence --contacts 100 --iterations 10
+  run idle --conns 1000 --settle 2
+else
+  # (a) 1:1 chat: open loop at fixed total rates (latency), then closed loop (max throughput)
+  for N in 100 1000; do
+    for R in 1000 5000 10000; do
+      run chat --pairs $N --rate $R --duration 10 --warmup 2
+    done
+    run chat --pairs $N --rate 0 --window "$([ $N = 100 ] && echo 10 || echo 2)" --duration 10 --warmup 2
+  done
+  # (b) offline queue then login
+  for M in 1000 10000; do run offline --messages $M; done
+  # (d) presence broadcast to K online contacts
+  for K in 100 1000; do run presence --contacts $K --iterations 10; done
+  # (c) idle connections last, as in the peers' suites
+  run idle --conns 1000 --settle 5
+  run idle --conns 10000 --settle 10 --concurrency 200
+  # (e) the blend
+  run mixed --duration 30
+fi
+cleanup
+trap - EXIT
+
+PEER_FILES=()
+if [ $RUN_PEERS = 1 ]; then
+  [ -d "$PEERS_DIR" ] || { echo "no $PEERS_DIR" >&2; exit 1; }
+  if ! command -v ejabberdctl >/dev/null || ! command -v mosquitto >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ejabberd mosquitto mosquitto-clients
+  fi
+  python3 -c 'import uvloop' 2>/dev/null || pip install uvloop
+  (
+    cd "$PEERS_DIR"
+    ejabberd/ctl.sh start
+    timeout 300 python3 load/setup_users.py ejabberd --users 10000 --hubs 100,1000
+    ejabberd/ctl.sh stop; ejabberd/ctl.sh start
+    if [ $QUICK = 1 ]; then
+      P=$(ejabberd/ctl.sh pid)
+      X="timeout 660 python3 load/bench_xmpp.py --server-pid $P --label ejabberd --out $OUT/ejabberd-$STAMP.jsonl --uvloop"
+      $X chat --pairs 100 --rate 1000 --duration 3 --warmup 1
+      $X offline --messages 1000
+      $X presence --contacts 100 --iterations 10
+      $X idle --conns 1000 --settle 2
+    else
+      load/run_xmpp_suite.sh ejabberd "$(ejabberd/ctl.sh pid)" "$OUT/ejabberd-$STAMP.jsonl"
+    fi
+    ejabberd/ctl.sh stop
+    mosquitto/ctl.sh start
+    if [ $QUICK = 1 ]; then
+      P=$(mosquitto/ctl.sh pid)
+      timeout 660 python3 load/bench_mqtt.py --server-pid "$P" --label mosquitto --out "$OUT/mosquitto-$STAMP.jsonl" --uvloop chat --pairs 100 --rate 1000 --duration 3 --warmup 1
+    else
+      load/run_mqtt_suite.sh "$(mosquitto/ctl.sh pid)" "$OUT/mosquitto-$STAMP.jsonl"
+    fi
+    mosquitto/ctl.sh stop
+  ) || echo "(the peers' run failed; see above)" >&2
+  PEER_FILES=("$OUT/ejabberd-$STAMP.jsonl" "$OUT/mosquitto-$STAMP.jsonl")
+  NOTE="peers measured in this run"
+else
+  PEER_FILES=("$PEERS_DIR/results/ejabberd.jsonl" "$PEERS_DIR/results/mosquitto.jsonl")
+  NOTE="peers' figures from ../shared/peers/results (RESULTS.md), not from this run"
+fi
+
+TABLE=$OUT/compare-$STAMP.md
+{
+  echo "<!-- bench/compare.sh $STAMP; bimip: $RES; $NOTE -->"
+  python3 "$ROOT/bench/summarize.py" "$RES" "${PEER_FILES[@]}" --servers bimip,ejabberd,mosquitto
+} >"$TABLE"
+cat "$TABLE"
+echo "table: $TABLE" >&2
