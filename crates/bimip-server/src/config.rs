@@ -33,6 +33,7 @@ pub struct Config {
     /// Largest HTTP request body accepted.
     pub max_http_body_bytes: usize,
     pub store: StoreSettings,
+    pub presence: PresenceSettings,
     /// Repair mid-file store corruption at start-up instead of refusing to start.
     pub repair: bool,
 }
@@ -51,6 +52,57 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+}
+
+/// Who may see whom, and the limits of the awareness features (SPEC §2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceSettings {
+    /// `contacts`: a user's watchers are its contacts. `open`: anyone not blocked may also
+    /// subscribe to anyone.
+    pub policy: PresencePolicy,
+    /// A user whose last device goes away is announced OFFLINE only after this long, so a quick
+    /// reconnect makes no OFFLINE/ONLINE flap.
+    pub grace_ms: u64,
+    /// Users one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// TYPING/RECORDING frames one connection may send per second (burst of the same size).
+    pub typing_per_second: u32,
+    /// Longest custom status text (`details`) in bytes.
+    pub max_details_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresencePolicy {
+    #[default]
+    Contacts,
+    Open,
+}
+
+impl std::str::FromStr for PresencePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "contacts" => Ok(PresencePolicy::Contacts),
+            "open" => Ok(PresencePolicy::Open),
+            other => Err(format!(
+                "unknown presence policy {other:?}: expected contacts or open"
+            )),
+        }
+    }
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        PresenceSettings {
+            policy: PresencePolicy::Contacts,
+            grace_ms: 2000,
+            max_subscriptions: 1000,
+            typing_per_second: 5,
+            max_details_bytes: 256,
+        }
+    }
 }
 
 /// Tuning of the embedded file store.
@@ -91,6 +143,7 @@ impl Default for Config {
             max_inflight: 64,
             max_http_body_bytes: 256 * 1024,
             store: StoreSettings::default(),
+            presence: PresenceSettings::default(),
             repair: false,
         }
     }
@@ -148,6 +201,11 @@ impl Config {
         if self.outbox_frames < 8 || self.max_inflight == 0 || self.store.shards == 0 {
             return Err(ConfigError::Invalid(
                 "outbox_frames must be >= 8, max_inflight and store.shards >= 1".into(),
+            ));
+        }
+        if self.presence.typing_per_second == 0 || self.presence.max_subscriptions == 0 {
+            return Err(ConfigError::Invalid(
+                "presence.typing_per_second and presence.max_subscriptions must be >= 1".into(),
             ));
         }
         if self.store.max_open_files < 2 * self.store.shards {

@@ -3,6 +3,7 @@
 //! the heartbeat timer. Requests are pipelined (up to `max_inflight`) and answered in order.
 
 use crate::{
+    awareness,
     delivery::{self, Refused, SendRequest},
     fanout,
     sessions::{ConnHandle, ConnSignal, Disconnect, Outbound},
@@ -16,7 +17,7 @@ use bimip_proto::{
 };
 use bimip_store::{QueueStore, ReadRequest};
 use futures_util::{SinkExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use tokio::{
     sync::mpsc,
     time::{Instant, sleep_until},
@@ -53,6 +54,41 @@ struct Conn {
     inflight: FuturesOrdered<Answer>,
     last_rx: Instant,
     last_ping: Instant,
+    /// This connection's registry handle (subscriptions deliver through it).
+    handle: Option<ConnHandle>,
+    /// Users this connection subscribed to (open policy), removed when it closes.
+    subscribed: BTreeSet<String>,
+    typing: TokenBucket,
+}
+
+/// Rate limit of TYPING/RECORDING frames: `rate` per second with a burst of the same size.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> TokenBucket {
+        TokenBucket {
+            tokens: rate as f64,
+            rate: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
@@ -70,6 +106,9 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
         inflight: FuturesOrdered::new(),
         last_rx: now,
         last_ping: now,
+        handle: None,
+        subscribed: BTreeSet::new(),
+        typing: TokenBucket::new(state.config.presence.typing_per_second),
     };
     let end = conn.start(tx, rx, signal).await;
     if let End::Close(code, reason) = end {
@@ -81,8 +120,15 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
             })))
             .await;
     }
-    if state.sessions.unregister(&conn.id.user, conn_id).is_some() {
+    awareness::unsubscribe_all(&state, conn_id, &conn.subscribed);
+    if let Some(last_seen) = state.sessions.unregister(&conn.id.user, conn_id) {
         state.metrics.users_online.dec();
+        if state.is_accepting() {
+            awareness::disconnected(&state, conn.id.user.clone(), last_seen);
+        } else {
+            // Shutting down: the store closes once every connection is gone, so record now.
+            awareness::record_last_seen(&state, &conn.id.user, last_seen).await;
+        }
     }
     state.metrics.connections.dec();
     tracing::debug!(user = %conn.id.user, device = %conn.id.device, "connection closed");
@@ -118,9 +164,11 @@ impl Conn {
             tx,
             signal: signal.clone(),
         };
+        self.handle = Some(handle.clone());
         if self.state.sessions.register(&self.id.user, handle) {
             self.state.metrics.users_online.inc();
         }
+        awareness::connected(&self.state, &self.id.user).await;
         match self
             .state
             .store
@@ -318,7 +366,8 @@ impl Conn {
                     .await;
             }
             Body::Pong(_) => {}
-            Body::Subscribe(_) | Body::PushToken(_) => {
+            Body::Subscribe(sub) => return self.on_subscribe(r, sub).await,
+            Body::PushToken(_) => {
                 return self
                     .refuse(
                         r,
@@ -345,10 +394,66 @@ impl Conn {
         Ok(())
     }
 
+    async fn on_subscribe(&mut self, r: u64, sub: v1::Subscribe) -> Result<(), End> {
+        let Some(handle) = self.handle.clone() else {
+            return Ok(());
+        };
+        match awareness::subscribe(
+            &self.state,
+            &self.id.user,
+            &handle,
+            &mut self.subscribed,
+            sub,
+        )
+        .await
+        {
+            Ok((snapshots, refusal)) => {
+                for a in snapshots {
+                    self.answer_now(Frame::with(r, Body::Awareness(a))).await?;
+                }
+                match refusal {
+                    Some(e) => self.refuse(r, e).await,
+                    None if r != 0 => self.answer_now(ack_frame(r)).await,
+                    None => Ok(()),
+                }
+            }
+            Err(e) => self.refuse(r, e).await,
+        }
+    }
+
     async fn on_awareness(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
+        self.state
+            .metrics
+            .awareness_in(awareness::status_label(a.status));
         match Status::try_from(a.status) {
             Ok(Status::Resume) => self.resume(r, a).await,
-            Ok(Status::Online) => Ok(()),
+            Ok(s @ (Status::Online | Status::Away | Status::Busy | Status::Dnd)) => {
+                match awareness::set_state(&self.state, &self.id.user, self.conn_id, &a, s).await {
+                    Ok(()) if r != 0 => self.answer_now(ack_frame(r)).await,
+                    Ok(()) => Ok(()),
+                    Err(e) => self.refuse(r, e).await,
+                }
+            }
+            Ok(s @ (Status::Typing | Status::Recording)) => {
+                if !self.typing.take() {
+                    return self
+                        .refuse(
+                            r,
+                            Refused::new(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "at most {} TYPING/RECORDING frames per second",
+                                    self.state.config.presence.typing_per_second
+                                ),
+                            ),
+                        )
+                        .await;
+                }
+                match awareness::typing(&self.state, &self.id.user, &self.id.device, &a, s).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => self.refuse(r, e).await,
+                }
+            }
             Ok(Status::Unspecified) | Err(_) => {
                 self.refuse(r, Refused::bad("awareness status is missing or unknown"))
                     .await
@@ -357,16 +462,6 @@ impl Conn {
                 self.refuse(
                     r,
                     Refused::bad("OFFLINE is set by the server when the last device disconnects"),
-                )
-                .await
-            }
-            Ok(_) => {
-                self.refuse(
-                    r,
-                    Refused::new(
-                        ErrorCode::Unavailable,
-                        "this awareness status is not enabled on this server version",
-                    ),
                 )
                 .await
             }
@@ -476,6 +571,17 @@ impl Conn {
         let m = to_ws(out.encoded(self.id.codec).clone());
         self.socket.feed(m).await
     }
+}
+
+/// A bare Ack confirming a frame that has no other answer (receipts, awareness changes).
+fn ack_frame(r: u64) -> Frame {
+    Frame::with(
+        r,
+        Body::Ack(v1::Ack {
+            timestamp: bimip_proto::now_ms(),
+            ..Default::default()
+        }),
+    )
 }
 
 fn to_ws(e: Encoded) -> Message {

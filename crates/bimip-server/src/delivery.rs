@@ -6,7 +6,7 @@ use bimip_proto::{
     Body,
     v1::{self, ErrorCode, Partition, ReceiptKind},
 };
-use bimip_store::{AckRequest, NewItem, QueueStore, StoreError};
+use bimip_store::{AckRequest, NewItem, ProfileStore, QueueStore, StoreError};
 use bytes::Bytes;
 use prost::Message as _;
 use std::{future::Future, sync::Arc};
@@ -101,6 +101,19 @@ pub async fn start_send(
     state: &Shared,
     req: SendRequest,
 ) -> Result<impl Future<Output = Result<v1::Ack, Refused>> + Send + 'static, Refused> {
+    if *req.from != *SYSTEM_SENDER
+        && state
+            .store
+            .profile(&req.to)
+            .await?
+            .blocks
+            .contains(&*req.from)
+    {
+        return Err(Refused::new(
+            ErrorCode::Forbidden,
+            "you cannot message this user",
+        ));
+    }
     let item = NewItem {
         partition: req.partition,
         from: req.from.to_string(),

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod awareness;
 pub mod config;
 pub mod conn;
 pub mod delivery;

@@ -33,6 +33,15 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub fsync_seconds: Histogram,
     pub fsync_batch_appends: Histogram,
+    pub awareness_in: Family<StatusLabel, Counter>,
+    pub awareness_out: Family<StatusLabel, Counter>,
+    pub subscriptions: Gauge,
+    pub fanout_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
 }
 
 impl Default for Metrics {
@@ -59,6 +68,11 @@ impl Metrics {
             // 50 µs .. ~1.6 s
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             fsync_batch_appends: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            awareness_in: Family::default(),
+            awareness_out: Family::default(),
+            subscriptions: Gauge::default(),
+            // 10 µs .. ~160 ms
+            fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 15)),
             registry: Registry::default(),
         };
         registry.register(
@@ -126,6 +140,26 @@ impl Metrics {
             "Appends covered by one fsync round (group commit)",
             m.fsync_batch_appends.clone(),
         );
+        registry.register(
+            "awareness_in",
+            "Awareness frames received from clients, by status",
+            m.awareness_in.clone(),
+        );
+        registry.register(
+            "awareness_out",
+            "Awareness frames delivered to connections, by status",
+            m.awareness_out.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Live presence subscriptions (open policy)",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "awareness_fanout_seconds",
+            "Time to hand one awareness change to every recipient connection",
+            m.fanout_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -139,6 +173,18 @@ impl Metrics {
 
     pub fn frame_in(&self, kind: &'static str) {
         self.frames_in.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn awareness_in(&self, status: &'static str) {
+        self.awareness_in
+            .get_or_create(&StatusLabel { status })
+            .inc();
+    }
+
+    pub fn awareness_out(&self, status: &'static str, n: u64) {
+        self.awareness_out
+            .get_or_create(&StatusLabel { status })
+            .inc_by(n);
     }
 
     pub fn frame_error(&self, kind: &'static str) {

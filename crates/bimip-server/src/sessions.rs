@@ -121,11 +121,29 @@ pub struct ConnHandle {
     pub signal: Arc<ConnSignal>,
 }
 
+impl ConnHandle {
+    /// Queues a frame for this connection without waiting. A full buffer means the device cannot
+    /// keep up: it is told to close (1013) and will catch up with RESUME. Returns true if queued.
+    pub fn offer(&self, frame: &Arc<Outbound>) -> bool {
+        match self.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.signal.close(Disconnect::Slow);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct UserEntry {
     conns: Vec<ConnHandle>,
     /// Unix ms when the last device went away (0 = never seen since start).
     last_seen: i64,
+    /// Whether watchers were last told ONLINE. Broadcasts follow this, not the raw device count,
+    /// so a quick reconnect within the grace period produces no OFFLINE/ONLINE flap.
+    announced: bool,
 }
 
 /// A change of a user's device-state rollup.
@@ -182,27 +200,63 @@ impl Sessions {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Presence changes (first device connected / last one gone), for watchers and webhooks.
+    /// Announced presence changes (ONLINE / OFFLINE after the grace period), for webhooks.
     pub fn subscribe_events(&self) -> broadcast::Receiver<PresenceEvent> {
         self.events.subscribe()
     }
 
-    /// Adds a connection. Returns true when it is the user's first device (user went ONLINE).
+    /// Adds a connection. Returns true when it is the user's first device.
     pub fn register(&self, user: &Arc<str>, conn: ConnHandle) -> bool {
-        let first = {
+        let mut shard = self.shard(user);
+        let entry = shard.entry(user.clone()).or_default();
+        entry.conns.push(conn);
+        entry.conns.len() == 1
+    }
+
+    /// Marks the user as announced ONLINE if it is connected and was not announced yet. Returns
+    /// true when the caller must broadcast ONLINE (false: already announced, e.g. a reconnect
+    /// within the grace period).
+    pub fn announce_online(&self, user: &Arc<str>) -> bool {
+        let changed = {
             let mut shard = self.shard(user);
-            let entry = shard.entry(user.clone()).or_default();
-            entry.conns.push(conn);
-            entry.conns.len() == 1
+            match shard.get_mut(user) {
+                Some(e) if !e.conns.is_empty() && !e.announced => {
+                    e.announced = true;
+                    true
+                }
+                _ => false,
+            }
         };
-        if first {
+        if changed {
             let _ = self.events.send(PresenceEvent {
                 user: user.clone(),
                 online: true,
                 at: bimip_proto::now_ms(),
             });
         }
-        first
+        changed
+    }
+
+    /// After the grace period: if the user still has no device and was announced ONLINE, forgets
+    /// it and returns its `last_seen` (the caller broadcasts OFFLINE). None: it came back, or was
+    /// never announced.
+    pub fn announce_offline(&self, user: &Arc<str>) -> Option<i64> {
+        let last_seen = {
+            let mut shard = self.shard(user);
+            let e = shard.get(user)?;
+            if !e.conns.is_empty() {
+                return None;
+            }
+            let (announced, last_seen) = (e.announced, e.last_seen);
+            shard.remove(user);
+            announced.then_some(last_seen)?
+        };
+        let _ = self.events.send(PresenceEvent {
+            user: user.clone(),
+            online: false,
+            at: last_seen,
+        });
+        Some(last_seen)
     }
 
     /// Removes a connection. Returns `Some(last_seen)` when it was the user's last device.
@@ -220,16 +274,7 @@ impl Sessions {
                 false
             }
         };
-        if last {
-            let _ = self.events.send(PresenceEvent {
-                user: user.clone(),
-                online: false,
-                at: now,
-            });
-            Some(now)
-        } else {
-            None
-        }
+        last.then_some(now)
     }
 
     /// Sends `frame` to every connection of `user` except `except` (a connection id). A
@@ -242,13 +287,10 @@ impl Sessions {
             return d;
         };
         for conn in entry.conns.iter().filter(|c| Some(c.id) != except) {
-            match conn.tx.try_send(frame.clone()) {
-                Ok(()) => d.devices += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    conn.signal.close(Disconnect::Slow);
-                    d.slow += 1;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            if conn.offer(frame) {
+                d.devices += 1;
+            } else if !conn.tx.is_closed() {
+                d.slow += 1;
             }
         }
         d
@@ -333,18 +375,37 @@ mod tests {
         let (h2, _r2) = handle(2, 8);
         assert!(s.register(&alice, h1));
         assert!(!s.register(&alice, h2));
+        assert!(s.announce_online(&alice));
+        assert!(!s.announce_online(&alice), "announced once");
         assert_eq!(s.snapshot("alice").devices, 2);
         assert_eq!(s.unregister(&alice, 1), None);
         assert!(s.is_online("alice"));
         let last = s.unregister(&alice, 2).expect("last device");
         assert!(!s.is_online("alice"));
         assert_eq!(s.snapshot("alice").last_seen, last);
+        assert_eq!(s.announce_offline(&alice), Some(last));
+        assert_eq!(s.announce_offline(&alice), None, "announced once");
         let e1 = events.recv().await.expect("online");
         assert!(e1.online);
         let e2 = events.recv().await.expect("offline");
         assert!(!e2.online);
         assert_eq!(e2.at, last);
         assert!(events.try_recv().is_err(), "no event for the second device");
+    }
+
+    #[test]
+    fn a_reconnect_within_the_grace_period_is_not_announced() {
+        let s = Sessions::new();
+        let u: Arc<str> = "u".into();
+        let (h1, _r1) = handle(1, 8);
+        s.register(&u, h1);
+        assert!(s.announce_online(&u));
+        s.unregister(&u, 1).expect("last");
+        let (h2, _r2) = handle(2, 8);
+        s.register(&u, h2);
+        // The grace timer fires while the user is back: nothing to announce either way.
+        assert_eq!(s.announce_offline(&u), None);
+        assert!(!s.announce_online(&u));
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! The server's shared state: one `Arc<AppState>` cloned into every connection and handler.
 
-use crate::{auth::Verifier, config::Config, metrics::Metrics, sessions::Sessions};
+use crate::{
+    auth::Verifier, awareness::Presence, config::Config, metrics::Metrics, sessions::Sessions,
+};
 use bimip_store::Store;
 use std::sync::{
     Arc,
@@ -11,6 +13,7 @@ pub struct AppState {
     pub config: Config,
     pub store: Store,
     pub sessions: Sessions,
+    pub presence: Presence,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
     /// False once shutdown began: new upgrades are refused and `/readyz` says so.
@@ -31,6 +34,7 @@ impl AppState {
             config,
             store,
             sessions: Sessions::new(),
+            presence: Presence::default(),
             metrics,
             verifier,
             accepting: AtomicBool::new(true),

@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// Largest message payload in bytes [default: 32768].
     #[arg(long, env = "BIMIP_MAX_PAYLOAD_BYTES")]
     max_payload_bytes: Option<u32>,
+    /// Who sees whose awareness: contacts | open [default: contacts].
+    #[arg(long, env = "BIMIP_PRESENCE_POLICY")]
+    presence_policy: Option<bimip_server::config::PresencePolicy>,
+    /// Delay before a user whose last device left is announced OFFLINE, in ms [default: 2000].
+    #[arg(long, env = "BIMIP_PRESENCE_GRACE_MS")]
+    presence_grace_ms: Option<u64>,
     /// Log format.
     #[arg(long, env = "BIMIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -131,6 +137,8 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.heartbeat_ms, &a.heartbeat_ms);
     set(&mut c.max_frame_bytes, &a.max_frame_bytes);
     set(&mut c.max_payload_bytes, &a.max_payload_bytes);
+    set(&mut c.presence.policy, &a.presence_policy);
+    set(&mut c.presence.grace_ms, &a.presence_grace_ms);
     // A key source given on the command line replaces the file's, it does not add to it.
     if a.jwt_secret.is_some() || a.jwt_public_key.is_some() || a.jwt_jwks.is_some() {
         c.jwt.secret = a.jwt_secret.clone();

@@ -2,6 +2,8 @@
 //! Prometheus metrics, the OpenAPI document, and the backend API (API-key protected).
 //! Every error is JSON: `{"error":{"code":"...","message":"..."}}`.
 
+mod presence;
+
 use crate::{
     auth::api_key_matches,
     delivery::{self, Refused, SYSTEM_SENDER, SendRequest},
@@ -11,10 +13,10 @@ use crate::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State},
+    extract::{DefaultBodyLimit, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use base64::Engine;
 use bimip_proto::v1::{ErrorCode, Partition};
@@ -108,7 +110,20 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/messages", post(send_message))
-        .route("/v1/users/{user}/presence", get(user_presence))
+        .route("/v1/users/{user}/presence", get(presence::user_presence))
+        .route("/v1/presence/query", post(presence::query_presence))
+        .route(
+            "/v1/users/{user}/contacts",
+            get(presence::list_contacts).post(presence::import_contacts),
+        )
+        .route(
+            "/v1/users/{user}/contacts/{contact}",
+            put(presence::put_contact).delete(presence::delete_contact),
+        )
+        .route(
+            "/v1/users/{user}/blocks/{other}",
+            put(presence::put_block).delete(presence::delete_block),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -129,8 +144,34 @@ pub fn router(state: Shared) -> Router {
                        Backend routes need `Authorization: Bearer <api key>`. Clients connect with a \
                        WebSocket to `GET /ws` (see docs/PROTOCOL.md)."
     ),
-    paths(healthz, readyz, metrics, send_message, user_presence),
-    components(schemas(ErrorBody, ErrorDetail, SendMessageBody, SendMessageReply, PresenceReply)),
+    paths(
+        healthz,
+        readyz,
+        metrics,
+        send_message,
+        presence::user_presence,
+        presence::query_presence,
+        presence::list_contacts,
+        presence::import_contacts,
+        presence::put_contact,
+        presence::delete_contact,
+        presence::put_block,
+        presence::delete_block
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        SendMessageBody,
+        SendMessageReply,
+        presence::PresenceReply,
+        presence::PresenceQuery,
+        presence::PresenceQueryReply,
+        presence::ContactsReply,
+        presence::ContactItem,
+        presence::ContactImport,
+        presence::ContactBody,
+        presence::ChangedReply
+    )),
     modifiers(&ApiKeyScheme)
 )]
 struct ApiDoc;
@@ -194,7 +235,7 @@ async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 }
 
 /// Checks the backend API key.
-fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = state.config.api_key.as_deref() else {
         return Err(ApiError::forbidden(
             "the backend API is disabled: start the server with --api-key",
@@ -209,12 +250,12 @@ fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> 
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn valid_user(user: &str) -> Result<(), ApiError> {
+pub(crate) fn valid_user(user: &str) -> Result<(), ApiError> {
     bimip_proto::validate_user_id(user).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
@@ -319,41 +360,5 @@ async fn send_message(
         offset: ack.offset,
         timestamp: ack.timestamp,
         duplicate: ack.duplicate,
-    }))
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct PresenceReply {
-    user: String,
-    /// `online` or `offline`.
-    status: String,
-    /// Devices connected now.
-    devices: usize,
-    /// Unix ms when the last device disconnected (0 when not seen since the server started).
-    last_seen: i64,
-}
-
-/// Presence of one user (device-state rollup).
-#[utoipa::path(get, path = "/v1/users/{user}/presence",
-    params(("user" = String, Path, description = "user id")),
-    security(("api_key" = [])),
-    responses(
-        (status = 200, description = "presence", body = PresenceReply),
-        (status = 400, description = "malformed user id", body = ErrorBody),
-        (status = 401, description = "missing or wrong API key", body = ErrorBody),
-    ))]
-async fn user_presence(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Path(user): Path<String>,
-) -> Result<Json<PresenceReply>, ApiError> {
-    require_api_key(&state, &headers)?;
-    valid_user(&user)?;
-    let p = state.sessions.snapshot(&user);
-    Ok(Json(PresenceReply {
-        user,
-        status: if p.online { "online" } else { "offline" }.into(),
-        devices: p.devices,
-        last_seen: p.last_seen,
     }))
 }

@@ -1,0 +1,379 @@
+//! Presence queries, contacts and blocks for the app's backend (API key).
+
+use super::{ApiError, ErrorBody, parse_json, require_api_key, valid_user};
+use crate::{awareness, state::Shared};
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::HeaderMap,
+};
+use bimip_proto::v1::Status;
+use bimip_store::ProfileStore;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// Most users one presence query may ask about.
+const MAX_QUERY_USERS: usize = 1000;
+/// Most contacts one import may carry.
+const MAX_IMPORT: usize = 10_000;
+
+#[derive(Serialize, ToSchema)]
+pub struct PresenceReply {
+    user: String,
+    /// `online` or `offline` (device state; an invisible user is `offline`).
+    status: String,
+    /// `away`, `busy`, `dnd`, or null when none is set.
+    intent: Option<String>,
+    /// Custom status text set with the intent.
+    details: String,
+    /// Devices connected now.
+    devices: usize,
+    /// Unix ms when the user was last online (0 when unknown or online now).
+    last_seen: i64,
+    /// Present only when asked with `include_invisible=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invisible: Option<bool>,
+}
+
+#[derive(Deserialize, IntoParams, Default)]
+pub struct PresenceParams {
+    /// Show the real state of invisible users (backend use).
+    #[serde(default)]
+    include_invisible: bool,
+}
+
+fn intent_name(s: i32) -> Option<String> {
+    match Status::try_from(s) {
+        Ok(Status::Away) => Some("away".into()),
+        Ok(Status::Busy) => Some("busy".into()),
+        Ok(Status::Dnd) => Some("dnd".into()),
+        _ => None,
+    }
+}
+
+async fn presence_of(
+    state: &Shared,
+    user: String,
+    include_invisible: bool,
+) -> Result<PresenceReply, ApiError> {
+    let (a, devices) = awareness::view(state, None, &user, include_invisible).await?;
+    Ok(PresenceReply {
+        user,
+        status: if a.status == Status::Online as i32 {
+            "online"
+        } else {
+            "offline"
+        }
+        .into(),
+        intent: intent_name(a.intent),
+        details: a.details,
+        devices,
+        last_seen: a.last_seen,
+        invisible: include_invisible.then_some(a.invisible),
+    })
+}
+
+/// Presence of one user: device state, intent, devices online, last seen.
+#[utoipa::path(get, path = "/v1/users/{user}/presence",
+    params(("user" = String, Path, description = "user id"), PresenceParams),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "presence", body = PresenceReply),
+        (status = 400, description = "malformed user id", body = ErrorBody),
+        (status = 401, description = "missing or wrong API key", body = ErrorBody),
+    ))]
+pub async fn user_presence(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    Query(p): Query<PresenceParams>,
+) -> Result<Json<PresenceReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    Ok(Json(presence_of(&state, user, p.include_invisible).await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceQuery {
+    /// Up to 1000 user ids.
+    users: Vec<String>,
+    #[serde(default)]
+    include_invisible: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PresenceQueryReply {
+    users: Vec<PresenceReply>,
+}
+
+/// Presence of many users at once (at most 1000).
+#[utoipa::path(post, path = "/v1/presence/query", request_body = PresenceQuery,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "presence of each user, in the order asked", body = PresenceQueryReply),
+        (status = 400, description = "malformed user id or too many users", body = ErrorBody),
+        (status = 401, description = "missing or wrong API key", body = ErrorBody),
+    ))]
+pub async fn query_presence(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<PresenceQueryReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    let q: PresenceQuery = parse_json(&body)?;
+    if q.users.len() > MAX_QUERY_USERS {
+        return Err(ApiError::bad_request(format!(
+            "{} users asked, at most {MAX_QUERY_USERS} per query",
+            q.users.len()
+        )));
+    }
+    for u in &q.users {
+        valid_user(u).map_err(|e| ApiError::bad_request(format!("users: {}", e.message)))?;
+    }
+    let mut users = Vec::with_capacity(q.users.len());
+    for u in q.users {
+        users.push(presence_of(&state, u, q.include_invisible).await?);
+    }
+    Ok(Json(PresenceQueryReply { users }))
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Clone)]
+pub struct ContactItem {
+    user: String,
+    /// The contact does not see this user back.
+    #[serde(default)]
+    one_way: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ContactsReply {
+    user: String,
+    /// Users this user listed.
+    contacts: Vec<ContactItem>,
+    /// Users that see this user's awareness.
+    watchers: Vec<String>,
+    /// Users this user blocks.
+    blocks: Vec<String>,
+}
+
+/// A user's contacts, watchers and blocks.
+#[utoipa::path(get, path = "/v1/users/{user}/contacts",
+    params(("user" = String, Path, description = "user id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "contacts", body = ContactsReply),
+        (status = 400, description = "malformed user id", body = ErrorBody),
+    ))]
+pub async fn list_contacts(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Result<Json<ContactsReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    let p = state
+        .store
+        .profile(&user)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
+    Ok(Json(ContactsReply {
+        contacts: p
+            .contacts
+            .iter()
+            .map(|(u, one_way)| ContactItem {
+                user: u.clone(),
+                one_way: *one_way,
+            })
+            .collect(),
+        watchers: p.watchers().into_iter().collect(),
+        blocks: p.blocks.iter().cloned().collect(),
+        user,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContactImport {
+    /// Contacts to add (or update).
+    contacts: Vec<ContactItem>,
+    /// Also remove the user's contacts that are not in this list.
+    #[serde(default)]
+    replace: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ChangedReply {
+    /// Entries added, changed or removed.
+    changed: usize,
+}
+
+/// Bulk import of a contact list in one call (at most 10,000 entries).
+#[utoipa::path(post, path = "/v1/users/{user}/contacts", request_body = ContactImport,
+    params(("user" = String, Path, description = "user id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "imported", body = ChangedReply),
+        (status = 400, description = "malformed ids or body", body = ErrorBody),
+    ))]
+pub async fn import_contacts(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    body: Bytes,
+) -> Result<Json<ChangedReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    let b: ContactImport = parse_json(&body)?;
+    if b.contacts.len() > MAX_IMPORT {
+        return Err(ApiError::bad_request(format!(
+            "{} contacts, at most {MAX_IMPORT} per import",
+            b.contacts.len()
+        )));
+    }
+    for c in &b.contacts {
+        valid_user(&c.user)
+            .map_err(|e| ApiError::bad_request(format!("contacts: {}", e.message)))?;
+        if c.user == user {
+            return Err(ApiError::bad_request(
+                "a user cannot list itself as a contact",
+            ));
+        }
+    }
+    let entries = b
+        .contacts
+        .into_iter()
+        .map(|c| (c.user, c.one_way))
+        .collect();
+    let changed = state
+        .store
+        .put_contacts(&user, entries, b.replace)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
+    Ok(Json(ChangedReply { changed }))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ContactBody {
+    /// The contact does not see this user back (default: mutual).
+    #[serde(default)]
+    one_way: bool,
+}
+
+/// Add or update one contact. Contacts are mutual for presence unless `one_way` is true.
+#[utoipa::path(put, path = "/v1/users/{user}/contacts/{contact}", request_body(content = ContactBody, description = "optional"),
+    params(("user" = String, Path), ("contact" = String, Path)),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "stored", body = ChangedReply),
+        (status = 400, description = "malformed ids or body", body = ErrorBody),
+    ))]
+pub async fn put_contact(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((user, contact)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<ChangedReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    valid_user(&contact)?;
+    if user == contact {
+        return Err(ApiError::bad_request(
+            "a user cannot list itself as a contact",
+        ));
+    }
+    let b: ContactBody = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        ContactBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let changed = state
+        .store
+        .put_contacts(&user, vec![(contact, b.one_way)], false)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
+    Ok(Json(ChangedReply { changed }))
+}
+
+/// Remove one contact (both directions of the relation).
+#[utoipa::path(delete, path = "/v1/users/{user}/contacts/{contact}",
+    params(("user" = String, Path), ("contact" = String, Path)),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "removed (changed=0 when it was not a contact)", body = ChangedReply),
+        (status = 400, description = "malformed ids", body = ErrorBody),
+    ))]
+pub async fn delete_contact(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((user, contact)): Path<(String, String)>,
+) -> Result<Json<ChangedReply>, ApiError> {
+    require_api_key(&state, &headers)?;
+    valid_user(&user)?;
+    valid_user(&contact)?;
+    let existed = state
+        .store
+        .remove_contact(&user, &contact)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
+    Ok(Json(ChangedReply {
+        changed: usize::from(existed),
+    }))
+}
+
+async fn block(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: String,
+    other: String,
+    blocked: bool,
+) -> Result<Json<ChangedReply>, ApiError> {
+    require_api_key(state, headers)?;
+    valid_user(&user)?;
+    valid_user(&other)?;
+    if user == other {
+        return Err(ApiError::bad_request("a user cannot block itself"));
+    }
+    let changed = state
+        .store
+        .set_block(&user, &other, blocked)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
+    Ok(Json(ChangedReply {
+        changed: usize::from(changed),
+    }))
+}
+
+/// Block a user: its messages and typing are refused and it sees this user as OFFLINE.
+#[utoipa::path(put, path = "/v1/users/{user}/blocks/{other}",
+    params(("user" = String, Path), ("other" = String, Path)),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "blocked", body = ChangedReply),
+        (status = 400, description = "malformed ids", body = ErrorBody),
+    ))]
+pub async fn put_block(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((user, other)): Path<(String, String)>,
+) -> Result<Json<ChangedReply>, ApiError> {
+    block(&state, &headers, user, other, true).await
+}
+
+/// Unblock a user.
+#[utoipa::path(delete, path = "/v1/users/{user}/blocks/{other}",
+    params(("user" = String, Path), ("other" = String, Path)),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "unblocked", body = ChangedReply),
+        (status = 400, description = "malformed ids", body = ErrorBody),
+    ))]
+pub async fn delete_block(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path((user, other)): Path<(String, String)>,
+) -> Result<Json<ChangedReply>, ApiError> {
+    block(&state, &headers, user, other, false).await
+}

@@ -1,0 +1,469 @@
+//! Awareness (SPEC §2): who sees whom, and the broadcasts of device state (ONLINE/OFFLINE),
+//! intent (AWAY/BUSY/DND), TYPING/RECORDING and invisibility.
+//!
+//! Watchers come from the durable profile (contacts and blocks, `bimip_store::ProfileStore`);
+//! under the `open` policy, connections that subscribed are added. A broadcast encodes its frame
+//! once and offers it to each recipient connection without waiting (`ConnHandle::offer`), so a
+//! change reaching 1000 watchers is 1000 non-blocking channel sends spread over 64 registry shards.
+
+use crate::{
+    config::PresencePolicy,
+    delivery::Refused,
+    sessions::{ConnHandle, Outbound},
+    state::Shared,
+};
+use bimip_proto::{
+    Body,
+    v1::{self, ErrorCode, Status},
+};
+use bimip_store::{PresenceUpdate, Profile, ProfileStore};
+use std::{
+    collections::{BTreeSet, HashMap},
+    hash::{BuildHasher, RandomState},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+const SHARDS: usize = 64;
+pub const TYPING_DEFAULT_TTL_MS: u32 = 5000;
+pub const TYPING_MAX_TTL_MS: u32 = 30_000;
+
+/// Subscribed connection id → (subscriber user, connection).
+type Subscribers = HashMap<u64, (Arc<str>, ConnHandle)>;
+type SubShard = Mutex<HashMap<Arc<str>, Subscribers>>;
+
+/// Live subscriptions of the `open` policy: target user → subscribed connections.
+pub struct Subscriptions {
+    shards: Box<[SubShard]>,
+    hasher: RandomState,
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Subscriptions {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Subscriptions {
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Subscribers>> {
+        let i = self.hasher.hash_one(user) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add(&self, target: &str, subscriber: &Arc<str>, conn: &ConnHandle) {
+        self.shard(target)
+            .entry(Arc::from(target))
+            .or_default()
+            .insert(conn.id, (subscriber.clone(), conn.clone()));
+    }
+
+    pub fn remove(&self, target: &str, conn_id: u64) {
+        let mut shard = self.shard(target);
+        if let Some(m) = shard.get_mut(target) {
+            m.remove(&conn_id);
+            if m.is_empty() {
+                shard.remove(target);
+            }
+        }
+    }
+
+    fn subscribers(&self, target: &str) -> Vec<(Arc<str>, ConnHandle)> {
+        self.shard(target)
+            .get(target)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn awareness_frame(a: v1::Awareness) -> Arc<Outbound> {
+    Outbound::new(v1::Frame::with(0, Body::Awareness(a)))
+}
+
+fn intent_of(p: &Profile) -> Status {
+    match p.intent {
+        Status::Away | Status::Busy | Status::Dnd => p.intent,
+        _ => Status::Unspecified,
+    }
+}
+
+/// Sends `frame` about `user` to every watcher's online devices (and open-policy subscribers),
+/// never to users it blocks or that block it. Returns how many connections got it.
+async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Outbound>) -> usize {
+    let started = Instant::now();
+    let recipients: BTreeSet<String> = profile.watchers();
+    let mut delivered = 0;
+    if state.config.presence.policy == PresencePolicy::Open {
+        for (subscriber, conn) in state.presence.subs.subscribers(user) {
+            // A subscriber that is also a watcher gets it once, on every device, below.
+            if recipients.contains(&*subscriber)
+                || profile.blocks.contains(&*subscriber)
+                || profile.blocked_by.contains(&*subscriber)
+            {
+                continue;
+            }
+            delivered += usize::from(conn.offer(&frame));
+        }
+    }
+    for r in recipients {
+        if profile.blocks.contains(&r) || profile.blocked_by.contains(&r) || r == user {
+            continue;
+        }
+        delivered += state.sessions.deliver(&r, &frame, None).devices;
+    }
+    state
+        .metrics
+        .fanout_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(Body::Awareness(a)) = &frame.frame.body {
+        state
+            .metrics
+            .awareness_out(status_label(a.status), delivered as u64);
+    }
+    delivered
+}
+
+/// Called after a connection registered. Broadcasts ONLINE (with the current intent) when the
+/// user was not announced online yet — not after a reconnect within the grace period, and not
+/// while invisible.
+pub async fn connected(state: &Shared, user: &Arc<str>) {
+    if !state.sessions.announce_online(user) {
+        return;
+    }
+    let profile = match state.store.profile(user).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "profile unavailable; ONLINE not broadcast");
+            return;
+        }
+    };
+    if profile.invisible {
+        return;
+    }
+    let frame = awareness_frame(v1::Awareness {
+        from: user.to_string(),
+        status: Status::Online as i32,
+        intent: intent_of(&profile) as i32,
+        details: profile.details.clone(),
+        timestamp: bimip_proto::now_ms(),
+        ..Default::default()
+    });
+    broadcast(state, user, &profile, frame).await;
+}
+
+/// Records `last_seen` (advisory: written lazily, flushed at shutdown).
+pub async fn record_last_seen(state: &Shared, user: &str, last_seen: i64) {
+    let update = PresenceUpdate {
+        last_seen: Some(last_seen),
+        ..Default::default()
+    };
+    if let Err(e) = state.store.set_presence(user, update).await {
+        tracing::warn!(user = %user, error = %e, "could not record last_seen");
+    }
+}
+
+/// Called after a connection ended and it was the user's last device (`last_seen` = now):
+/// records `last_seen` at once, then after the grace period, if the user is still gone,
+/// broadcasts OFFLINE.
+pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
+    let state = state.clone();
+    let grace = Duration::from_millis(state.config.presence.grace_ms);
+    tokio::spawn(async move {
+        record_last_seen(&state, &user, last_seen).await;
+        tokio::time::sleep(grace).await;
+        let Some(last_seen) = state.sessions.announce_offline(&user) else {
+            return;
+        };
+        let profile = match state.store.profile(&user).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "profile unavailable; OFFLINE not broadcast");
+                return;
+            }
+        };
+        if profile.invisible {
+            return;
+        }
+        let frame = awareness_frame(v1::Awareness {
+            from: user.to_string(),
+            status: Status::Offline as i32,
+            intent: intent_of(&profile) as i32,
+            details: profile.details.clone(),
+            last_seen,
+            timestamp: bimip_proto::now_ms(),
+            ..Default::default()
+        });
+        broadcast(&state, &user, &profile, frame).await;
+    });
+}
+
+/// A device sets (AWAY/BUSY/DND) or clears (ONLINE) the user's intent, or toggles invisibility.
+/// Stored durably, then broadcast directly to watchers (never queued), and to the user's other
+/// devices so they show the same state.
+pub async fn set_state(
+    state: &Shared,
+    user: &Arc<str>,
+    conn_id: u64,
+    a: &v1::Awareness,
+    status: Status,
+) -> Result<(), Refused> {
+    let max = state.config.presence.max_details_bytes;
+    if a.details.len() > max {
+        return Err(Refused::new(
+            ErrorCode::TooLarge,
+            format!(
+                "details is {} bytes, at most {max} are allowed",
+                a.details.len()
+            ),
+        ));
+    }
+    let before = state.store.profile(user).await?;
+    let mut update = PresenceUpdate::default();
+    match status {
+        Status::Away | Status::Busy | Status::Dnd => {
+            update.intent = Some((status, a.details.clone()));
+        }
+        Status::Online if !before.invisible || a.invisible => {
+            update.intent = Some((Status::Unspecified, String::new()));
+        }
+        _ => {}
+    }
+    // `invisible` is honoured on ONLINE frames (`Awareness{status: ONLINE, invisible}`): true
+    // turns invisibility on, false on an ONLINE frame turns it off.
+    if status == Status::Online && a.invisible != before.invisible {
+        update.invisible = Some(a.invisible);
+    }
+    let after = state.store.set_presence(user, update).await?;
+    let now = bimip_proto::now_ms();
+    let intent = intent_of(&after);
+    let frame = if after.invisible {
+        if before.invisible {
+            // Still invisible: watchers keep seeing OFFLINE; only own devices learn the change.
+            None
+        } else {
+            Some(v1::Awareness {
+                from: user.to_string(),
+                status: Status::Offline as i32,
+                last_seen: after.invisible_since,
+                timestamp: now,
+                ..Default::default()
+            })
+        }
+    } else {
+        // Leaving invisibility is a device-state change (ONLINE, with the intent); otherwise
+        // the event names the intent that changed, or ONLINE when it was cleared.
+        let appears = before.invisible || intent == Status::Unspecified;
+        Some(v1::Awareness {
+            from: user.to_string(),
+            status: if appears { Status::Online } else { intent } as i32,
+            intent: intent as i32,
+            details: after.details.clone(),
+            timestamp: now,
+            ..Default::default()
+        })
+    };
+    if let Some(a) = frame {
+        broadcast(state, user, &after, awareness_frame(a)).await;
+    }
+    let own = awareness_frame(v1::Awareness {
+        from: user.to_string(),
+        status: match intent {
+            Status::Unspecified => Status::Online,
+            s => s,
+        } as i32,
+        intent: intent as i32,
+        details: after.details.clone(),
+        invisible: after.invisible,
+        timestamp: now,
+        ..Default::default()
+    });
+    state.sessions.deliver(user, &own, Some(conn_id));
+    Ok(())
+}
+
+/// TYPING / RECORDING to one peer: delivered to the peer's online devices only if the peer may
+/// see the sender and does not block it; never stored, not echoed to the sender's devices.
+pub async fn typing(
+    state: &Shared,
+    user: &Arc<str>,
+    device: &str,
+    a: &v1::Awareness,
+    status: Status,
+) -> Result<usize, Refused> {
+    bimip_proto::validate_user_id(&a.to)
+        .map_err(|e| Refused::bad(format!("{status:?} needs the peer in `to`: {e}")))?;
+    let profile = state.store.profile(user).await?;
+    if profile.blocked_by.contains(&a.to) {
+        return Err(Refused::new(
+            ErrorCode::Forbidden,
+            "you cannot reach this user",
+        ));
+    }
+    let allowed = match state.config.presence.policy {
+        PresencePolicy::Contacts => profile.may_see(&a.to),
+        PresencePolicy::Open => !profile.blocks.contains(&a.to),
+    };
+    if !allowed {
+        return Err(Refused::new(
+            ErrorCode::Forbidden,
+            "the peer does not see your awareness (not a contact)",
+        ));
+    }
+    let ttl = match a.ttl_ms {
+        0 => TYPING_DEFAULT_TTL_MS,
+        t => t.min(TYPING_MAX_TTL_MS),
+    };
+    let frame = awareness_frame(v1::Awareness {
+        from: user.to_string(),
+        to: a.to.clone(),
+        status: status as i32,
+        device: device.to_string(),
+        ttl_ms: ttl,
+        timestamp: bimip_proto::now_ms(),
+        ..Default::default()
+    });
+    let n = state.sessions.deliver(&a.to, &frame, None).devices;
+    state
+        .metrics
+        .awareness_out(status_label(status as i32), n as u64);
+    Ok(n)
+}
+
+/// What one viewer may know of a user's awareness right now.
+pub async fn view(
+    state: &Shared,
+    viewer: Option<&str>,
+    user: &str,
+    include_invisible: bool,
+) -> Result<(v1::Awareness, usize), Refused> {
+    let profile = state.store.profile(user).await?;
+    let live = state.sessions.snapshot(user);
+    let hidden_by_block = viewer.is_some_and(|v| profile.blocks.contains(v));
+    let hidden = hidden_by_block || (profile.invisible && !include_invisible);
+    let mut a = v1::Awareness {
+        from: user.to_string(),
+        timestamp: bimip_proto::now_ms(),
+        ..Default::default()
+    };
+    if hidden {
+        a.status = Status::Offline as i32;
+        a.last_seen = if hidden_by_block {
+            0
+        } else {
+            profile.invisible_since
+        };
+        return Ok((a, 0));
+    }
+    a.status = if live.online {
+        Status::Online
+    } else {
+        Status::Offline
+    } as i32;
+    a.intent = intent_of(&profile) as i32;
+    a.details = profile.details.clone();
+    a.invisible = profile.invisible;
+    if !live.online {
+        a.last_seen = live.last_seen.max(profile.last_seen);
+    }
+    Ok((a, live.devices))
+}
+
+/// Whether the user's intent is DND (the push pipeline asks this before a chat push).
+pub async fn is_dnd(state: &Shared, user: &str) -> bool {
+    matches!(state.store.profile(user).await, Ok(p) if p.intent == Status::Dnd)
+}
+
+/// `Subscribe{users, unsubscribe}`: answers at once with the current awareness of each permitted
+/// user; under the `open` policy also registers the connection for live changes. Users the
+/// subscriber may not see are named in one FORBIDDEN error after the snapshots.
+pub async fn subscribe(
+    state: &Shared,
+    user: &Arc<str>,
+    conn: &ConnHandle,
+    subscribed: &mut BTreeSet<String>,
+    s: v1::Subscribe,
+) -> Result<(Vec<v1::Awareness>, Option<Refused>), Refused> {
+    for u in &s.users {
+        bimip_proto::validate_user_id(u).map_err(|e| Refused::bad(format!("users: {e}")))?;
+    }
+    if s.unsubscribe {
+        for u in &s.users {
+            if subscribed.remove(u) {
+                state.presence.subs.remove(u, conn.id);
+                state.metrics.subscriptions.dec();
+            }
+        }
+        return Ok((vec![], None));
+    }
+    let max = state.config.presence.max_subscriptions;
+    let new = s.users.iter().filter(|u| !subscribed.contains(*u)).count();
+    if subscribed.len() + new > max {
+        return Err(Refused::new(
+            ErrorCode::TooLarge,
+            format!(
+                "subscription limit reached: {} + {new} > {max} per connection",
+                subscribed.len()
+            ),
+        ));
+    }
+    let mut snapshots = Vec::with_capacity(s.users.len());
+    let mut refused = Vec::new();
+    for target in &s.users {
+        let profile = state.store.profile(target).await?;
+        let blocked = profile.blocks.contains(&**user);
+        let allowed = match state.config.presence.policy {
+            PresencePolicy::Contacts => profile.may_see(user) || blocked,
+            PresencePolicy::Open => true,
+        };
+        if !allowed {
+            refused.push(target.clone());
+            continue;
+        }
+        let (a, _) = view(state, Some(user), target, false).await?;
+        snapshots.push(a);
+        if !blocked
+            && state.config.presence.policy == PresencePolicy::Open
+            && subscribed.insert(target.clone())
+        {
+            state.presence.subs.add(target, user, conn);
+            state.metrics.subscriptions.inc();
+        }
+    }
+    let refusal = (!refused.is_empty()).then(|| {
+        Refused::new(
+            ErrorCode::Forbidden,
+            format!("not allowed to see (not a contact): {}", refused.join(", ")),
+        )
+    });
+    Ok((snapshots, refusal))
+}
+
+/// Removes every subscription of a closing connection.
+pub fn unsubscribe_all(state: &Shared, conn_id: u64, subscribed: &BTreeSet<String>) {
+    for u in subscribed {
+        state.presence.subs.remove(u, conn_id);
+        state.metrics.subscriptions.dec();
+    }
+}
+
+/// The awareness component of the server state.
+#[derive(Default)]
+pub struct Presence {
+    pub subs: Subscriptions,
+}
+
+pub fn status_label(status: i32) -> &'static str {
+    match Status::try_from(status) {
+        Ok(Status::Online) => "online",
+        Ok(Status::Offline) => "offline",
+        Ok(Status::Away) => "away",
+        Ok(Status::Busy) => "busy",
+        Ok(Status::Dnd) => "dnd",
+        Ok(Status::Typing) => "typing",
+        Ok(Status::Recording) => "recording",
+        Ok(Status::Resume) => "resume",
+        _ => "unspecified",
+    }
+}
