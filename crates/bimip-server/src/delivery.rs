@@ -140,21 +140,6 @@ pub async fn start_send(
         }
         state.metrics.messages_stored.inc();
         let to_self = *req.from == *req.to;
-        let copy = if req.sender_copy && !to_self {
-            let item = NewItem {
-                partition: req.partition,
-                from: req.from.to_string(),
-                to: req.to.clone(),
-                payload: req.payload.clone(),
-                message_id: req.id.clone(),
-                device: req.device.to_string(),
-                peer_offset: stored.offset,
-                dedupe: false,
-            };
-            Some(state.store.append(&req.from, item).await?)
-        } else {
-            None
-        };
         let message = |offset: u64| {
             Outbound::new(v1::Frame::with(
                 0,
@@ -171,12 +156,25 @@ pub async fn start_send(
                 }),
             ))
         };
-        let to_recipient = message(stored.offset);
+        // The recipient gets it as soon as it is durable in its queue; the sender's copy (for
+        // its other devices) follows, and the Ack waits for both.
         let mut delivered = state
             .sessions
-            .deliver(&req.to, &to_recipient, req.conn.filter(|_| to_self))
+            .deliver(&req.to, &message(stored.offset), req.conn.filter(|_| to_self))
             .devices;
-        if let Some(copy) = copy {
+        // Only chat is mirrored: a notification a user sends is not one it should see pending.
+        if req.sender_copy && !to_self && req.partition == Partition::Chat {
+            let item = NewItem {
+                partition: req.partition,
+                from: req.from.to_string(),
+                to: req.to.clone(),
+                payload: req.payload.clone(),
+                message_id: req.id.clone(),
+                device: req.device.to_string(),
+                peer_offset: stored.offset,
+                dedupe: false,
+            };
+            let copy = state.store.append(&req.from, item).await?;
             delivered += state
                 .sessions
                 .deliver(&req.from, &message(copy.offset), req.conn)
