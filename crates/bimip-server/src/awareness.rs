@@ -221,19 +221,16 @@ pub async fn set_state(
     }
     let before = state.store.profile(user).await?;
     let mut update = PresenceUpdate::default();
+    // An ONLINE frame whose `invisible` differs from the current state toggles invisibility and
+    // keeps the intent; an ONLINE frame that does not toggle it clears the intent.
+    let toggles = status == Status::Online && a.invisible != before.invisible;
     match status {
         Status::Away | Status::Busy | Status::Dnd => {
             update.intent = Some((status, a.details.clone()));
         }
-        Status::Online if !before.invisible || a.invisible => {
-            update.intent = Some((Status::Unspecified, String::new()));
-        }
+        Status::Online if toggles => update.invisible = Some(a.invisible),
+        Status::Online => update.intent = Some((Status::Unspecified, String::new())),
         _ => {}
-    }
-    // `invisible` is honoured on ONLINE frames (`Awareness{status: ONLINE, invisible}`): true
-    // turns invisibility on, false on an ONLINE frame turns it off.
-    if status == Status::Online && a.invisible != before.invisible {
-        update.invisible = Some(a.invisible);
     }
     let after = state.store.set_presence(user, update).await?;
     let now = bimip_proto::now_ms();

@@ -209,14 +209,19 @@ fn print_dev_help(c: &Config, addr: std::net::SocketAddr) -> anyhow::Result<()> 
     let ttl = std::time::Duration::from_secs(24 * 3600);
     let alice = bimip_client::token::mint_hs256(secret.as_bytes(), "alice", None, ttl)?;
     let url = format!("ws://{addr}/ws");
+    // The path of this binary, so the printed commands work without it on PATH.
+    let bin = std::env::current_exe()
+        .ok()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "bimip".into());
     println!();
     println!(
         "dev mode: JWT secret and API key are kept in {}",
         c.data_dir.join("dev.toml").display()
     );
     println!("  a token for alice (24 h):\n    {alice}");
-    println!("  chat as alice:   bimip client --url {url} --user alice --secret {secret}");
-    println!("  chat as bob:     bimip client --url {url} --user bob --secret {secret}");
+    println!("  chat as alice:   {bin} client --url {url} --user alice --secret {secret}");
+    println!("  chat as bob:     {bin} client --url {url} --user bob --secret {secret}");
     if let Some(key) = &c.api_key {
         println!(
             "  backend API:     curl -H 'Authorization: Bearer {key}' http://{addr}/v1/users/alice/presence"
@@ -231,6 +236,7 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         .with_context(|| format!("invalid --log filter {filter:?}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -319,6 +319,8 @@ async fn an_invisible_user_appears_offline_but_still_gets_messages() {
     let (mut kim, _) = s.online("kim", "k").await;
     let (mut ivy, _) = s.online("ivy", "i").await;
     awareness(&mut kim, "ivy", Status::Online).await;
+    set_status(&mut ivy, Status::Busy, "b").await;
+    awareness(&mut kim, "ivy", Status::Busy).await;
     let r = ivy
         .awareness(v1::Awareness {
             status: Status::Online as i32,
