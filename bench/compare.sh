@@ -11,7 +11,8 @@
 #   --no-build  use target/release/bimip as it is
 #   --out DIR   where the JSON lines and the table go [bench/results]
 #
-# Loopback only. Every scenario is bounded (`timeout`), the server is stopped at the end.
+# Loopback only. Every scenario is bounded (`timeout`); the server is stopped at the end. The idle
+# scenarios run first on a fresh server, the others on a second fresh server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,41 +39,56 @@ BIN=$ROOT/target/release/bimip
 STAMP=$(date +%Y%m%dT%H%M%S)
 RES=$OUT/bimip-$STAMP.jsonl
 
-DATA=$(mktemp -d /tmp/bimip-bench.XXXXXX)
 BIMIP_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 BIMIP_API_KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export BIMIP_JWT_SECRET BIMIP_API_KEY
-"$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" --fsync batch --log warn \
-  >"$DATA/server.out" 2>"$DATA/server.err" &
-PID=$!
-cleanup() {
-  if kill -0 "$PID" 2>/dev/null; then
+PID=; DATA=
+stop_server() {
+  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
     kill -TERM "$PID" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$PID" 2>/dev/null || true
   fi
-  rm -rf "$DATA"
+  [ -n "$DATA" ] && rm -rf "$DATA"
+  PID=; DATA=
 }
-trap cleanup EXIT
-ADDR=
-for _ in $(seq 100); do
-  ADDR=$(sed -n 's/^bimip listening on http:\/\/\([^ ]*\) .*/\1/p' "$DATA/server.out" | head -1)
-  [ -n "$ADDR" ] && break
-  kill -0 "$PID" 2>/dev/null || { cat "$DATA/server.err" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "$ADDR" ] || { echo "the server did not report its address" >&2; exit 1; }
-echo "bimip serve pid $PID on $ADDR, data in $DATA, results in $RES" >&2
-
-B="timeout 660 $BIN bench --url ws://$ADDR/ws --server-pid $PID --label bimip --results $RES --quiet"
+trap stop_server EXIT
+# A fresh server (new data dir) each time: fsync=batch, generated secret and API key.
+start_server() {
+  DATA=$(mktemp -d /tmp/bimip-bench.XXXXXX)
+  "$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" --fsync batch --log warn \
+    >"$DATA/server.out" 2>"$DATA/server.err" &
+  PID=$!
+  ADDR=
+  for _ in $(seq 100); do
+    ADDR=$(sed -n 's/^bimip listening on http:\/\/\([^ ]*\) .*/\1/p' "$DATA/server.out" | head -1)
+    [ -n "$ADDR" ] && break
+    kill -0 "$PID" 2>/dev/null || { cat "$DATA/server.err" >&2; exit 1; }
+    sleep 0.1
+  done
+  [ -n "$ADDR" ] || { echo "the server did not report its address" >&2; exit 1; }
+  echo "bimip serve pid $PID on $ADDR, data in $DATA, results in $RES" >&2
+  B="timeout 660 $BIN bench --url ws://$ADDR/ws --server-pid $PID --label bimip --results $RES --quiet"
+}
 run() { echo "+ bimip bench $*" >&2; $B "$@" >/dev/null || echo "  (failed: $*)" >&2; }
 
+# (c) idle connections first, on a fresh server, so RSS per connection is not blurred by what
+# earlier scenarios left on the heap
+start_server
+if [ $QUICK = 1 ]; then
+  run idle --conns 1000 --settle 2
+else
+  run idle --conns 1000 --settle 5
+  run idle --conns 10000 --settle 10 --concurrency 200
+fi
+stop_server
+
+start_server
 if [ $QUICK = 1 ]; then
   run chat --pairs 100 --rate 1000 --duration 3 --warmup 1
   run chat --pairs 100 --rate 0 --window 10 --duration 3 --warmup 1
   run offline --messages 1000
   run presence --contacts 100 --iterations 10
-  run idle --conns 1000 --settle 2
 else
   # (a) 1:1 chat: open loop at fixed total rates (latency), then closed loop (max throughput)
   for N in 100 1000; do
@@ -85,13 +101,10 @@ else
   for M in 1000 10000; do run offline --messages $M; done
   # (d) presence broadcast to K online contacts
   for K in 100 1000; do run presence --contacts $K --iterations 10; done
-  # (c) idle connections last, as in the peers' suites
-  run idle --conns 1000 --settle 5
-  run idle --conns 10000 --settle 10 --concurrency 200
   # (e) the blend
   run mixed --duration 30
 fi
-cleanup
+stop_server
 trap - EXIT
 
 PEER_FILES=()

@@ -56,7 +56,7 @@ def ratio(a, b, cost):
     except (TypeError, ValueError):
         return "-"
     if cost:
-        if a <= 0:
+        if a <= 0 or b <= 0:
             return "-"
         return "%.1f×" % (b / a)
     if b <= 0:
