@@ -115,6 +115,10 @@ pub struct StoreSettings {
     pub max_open_files: usize,
     /// Users whose queues are kept decoded in memory (LRU); others are read from disk on demand.
     pub cache_users: usize,
+    /// Acknowledged items older than this many seconds are dropped by compaction (0 = never).
+    pub retention_secs: u64,
+    /// Most items kept per user queue; older ones are dropped by compaction (0 = no limit).
+    pub max_queue_items: usize,
 }
 
 impl Default for StoreSettings {
@@ -123,6 +127,8 @@ impl Default for StoreSettings {
             shards: 4,
             max_open_files: 1024,
             cache_users: 100_000,
+            retention_secs: bimip_store::DEFAULT_RETENTION.as_secs(),
+            max_queue_items: bimip_store::DEFAULT_MAX_QUEUE_ITEMS,
         }
     }
 }

@@ -50,6 +50,8 @@ pub async fn run(
         max_open_files: config.store.max_open_files,
         cache_users: config.store.cache_users,
         repair: config.repair,
+        retention: Duration::from_secs(config.store.retention_secs),
+        max_queue_items: config.store.max_queue_items,
         observer: Some(Arc::new(metrics::StoreMetrics(metrics.clone()))),
     };
     let started = std::time::Instant::now();

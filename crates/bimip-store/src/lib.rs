@@ -12,8 +12,8 @@ pub mod types;
 
 pub use error::StoreError;
 pub use file::{
-    FileStore, FsyncMode, RecoveryReport, StoreConfig, StoreObserver, UserFiles, inspect_user,
-    user_dir,
+    CheckReport, DEFAULT_MAX_QUEUE_ITEMS, DEFAULT_RETENTION, FileStore, FsyncMode, Problem,
+    RecoveryReport, StoreConfig, StoreObserver, UserFiles, check_data_dir, inspect_user, user_dir,
 };
 pub use types::*;
 

@@ -145,6 +145,17 @@ pub struct PendingForDevice {
     pub receipts: Vec<Item>,
 }
 
+/// What one compaction of a user's files did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compaction {
+    /// Items dropped (by retention or by the queue limit).
+    pub dropped: u64,
+    /// Of `dropped`, items nobody had acknowledged (only the queue limit drops those).
+    pub dropped_unacked: u64,
+    /// Items kept.
+    pub kept: u64,
+}
+
 /// The result of an operation that is queued now and finishes later.
 pub struct Pending<T> {
     pub(crate) rx: oneshot::Receiver<Result<T, StoreError>>,

@@ -2,6 +2,9 @@
 //! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]).
 
+mod check;
+#[cfg(test)]
+mod compaction_tests;
 mod profile;
 #[cfg(test)]
 mod profile_tests;
@@ -23,6 +26,7 @@ use std::{
 
 use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
+pub use check::{CheckReport, Problem, check_data_dir};
 use profile::{Edit, Edited};
 use shard::{Cmd, Shard, ShardConfig};
 
@@ -62,6 +66,12 @@ impl std::str::FromStr for FsyncMode {
 pub trait StoreObserver: Send + Sync {
     /// One fsync round finished: how long it took and how many appends it covered.
     fn fsync(&self, took: Duration, appends: usize);
+
+    /// A user's files were compacted: items dropped and kept, and how long the rewrite took.
+    fn compacted(&self, _user: &str, _dropped: u64, _kept: u64, _took: Duration) {}
+
+    /// `max_queue_items` dropped `n` items of `user` that nobody had acknowledged.
+    fn dropped_unacked(&self, _user: &str, _n: u64) {}
 }
 
 /// Settings of the file store.
@@ -74,6 +84,11 @@ pub struct StoreConfig {
     pub cache_users: usize,
     /// Repair mid-file corruption at start instead of refusing to start.
     pub repair: bool,
+    /// Acknowledged items older than this are dropped by compaction; zero keeps them forever.
+    pub retention: Duration,
+    /// Most items kept per user queue (the oldest are dropped first, unacknowledged ones only
+    /// when acknowledged ones do not suffice); 0 = no limit.
+    pub max_queue_items: usize,
     pub observer: Option<Arc<dyn StoreObserver>>,
 }
 
@@ -123,10 +138,17 @@ impl StoreConfig {
             max_open_files: 1024,
             cache_users: 100_000,
             repair: false,
+            retention: DEFAULT_RETENTION,
+            max_queue_items: DEFAULT_MAX_QUEUE_ITEMS,
             observer: None,
         }
     }
 }
+
+/// Default of [`StoreConfig::retention`]: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default of [`StoreConfig::max_queue_items`].
+pub const DEFAULT_MAX_QUEUE_ITEMS: usize = 100_000;
 
 /// Commands queued per shard before senders wait (back-pressure).
 const CHANNEL_CAPACITY: usize = 4096;
@@ -160,6 +182,10 @@ impl FileStore {
                 cache_users: (cfg.cache_users / n).max(1),
                 open_files: (cfg.max_open_files / n).max(1),
                 observer: cfg.observer.clone(),
+                limits: queue::Limits {
+                    retention_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
+                    max_items: cfg.max_queue_items,
+                },
             });
             std::thread::Builder::new()
                 .name(format!("bimip-store-{i}"))
@@ -217,6 +243,19 @@ impl FileStore {
         let cmd = Cmd::EditProfile {
             user: user.to_string(),
             edit,
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Compacts one user's files now (normally done in the background, see
+    /// [`StoreConfig::retention`] and [`StoreConfig::max_queue_items`]).
+    pub async fn compact(&self, user: &str) -> Result<crate::Compaction, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Compact {
+            user: user.to_string(),
             reply,
         };
         self.send(user, cmd).await?;

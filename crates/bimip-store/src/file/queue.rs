@@ -47,7 +47,46 @@ pub(crate) struct UserQueue {
     ids: HashMap<(String, String), u64>,
     /// (partition, from) → (device, kind) → next offset not acknowledged.
     cursors: HashMap<(Partition, String), HashMap<(String, i32), u64>>,
+    /// Lines in the queue and index files (what compaction would shrink).
+    queue_records: u64,
+    index_records: u64,
+    /// Unix ms of the last compaction (0 = none since loaded), and until when compaction is not
+    /// retried after a failure.
+    compacted_at: i64,
+    compact_blocked_until: i64,
 }
+
+/// What compaction may drop (SPEC §6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Acknowledged items older than this (ms) are dropped; 0 = kept forever.
+    pub retention_ms: i64,
+    /// Most items kept per queue, the oldest dropped first; 0 = no limit.
+    pub max_items: usize,
+}
+
+/// A compaction's result: the new content of both files and the state they decode to.
+pub(crate) struct Compacted {
+    pub queue: Vec<u8>,
+    pub index: Vec<u8>,
+    /// Whether each file changes at all.
+    pub queue_changed: bool,
+    pub index_changed: bool,
+    pub state: UserQueue,
+    pub dropped: u64,
+    /// Of `dropped`, items nobody acknowledged (only `max_items` drops those).
+    pub dropped_unacked: u64,
+    pub kept: u64,
+}
+
+/// Items from the front of a queue looked at when deciding whether retention has work.
+const RETENTION_SCAN: usize = 1024;
+
+/// A queue file with more lines than this many per item (plus a constant) is rewritten even when
+/// nothing is dropped (acknowledgement records add up); the same for the index per cursor.
+const QUEUE_LINES_PER_ITEM: u64 = 3;
+const INDEX_LINES_PER_CURSOR: u64 = 4;
+const SLACK_LINES: u64 = 1024;
 
 fn partition_of(v: i32) -> Partition {
     Partition::try_from(v).unwrap_or(Partition::Unspecified)
@@ -62,6 +101,10 @@ impl UserQueue {
             by_key: HashMap::new(),
             ids: HashMap::new(),
             cursors: HashMap::new(),
+            queue_records: 0,
+            index_records: 0,
+            compacted_at: 0,
+            compact_blocked_until: 0,
         }
     }
 
@@ -87,6 +130,11 @@ impl UserQueue {
     }
 
     fn apply_record(&mut self, rec: QueueRecord) {
+        self.queue_records += 1;
+        if rec.kind == QueueRecordKind::Mark as i32 {
+            self.next_offset = self.next_offset.max(rec.offset.saturating_add(1));
+            return;
+        }
         if rec.kind == QueueRecordKind::Ack as i32 {
             self.mark_acked(partition_of(rec.partition), &rec.from, rec.offset);
             return;
@@ -111,6 +159,7 @@ impl UserQueue {
     }
 
     fn apply_index(&mut self, rec: &IndexRecord) {
+        self.index_records += 1;
         let slot = self
             .cursors
             .entry((partition_of(rec.partition), rec.from.clone()))
@@ -126,11 +175,15 @@ impl UserQueue {
                 .entry((item.from.clone(), item.message_id.clone()))
                 .or_insert(item.offset);
         }
-        self.by_key
+        let list = self
+            .by_key
             .entry((item.partition, item.from.clone()))
-            .or_default()
-            .offsets
-            .push(item.offset);
+            .or_default();
+        // A compacted file stores the acknowledged flag on the item instead of ACK records.
+        if item.acknowledged && list.acked_prefix == list.offsets.len() {
+            list.acked_prefix += 1;
+        }
+        list.offsets.push(item.offset);
         self.items.push(item);
     }
 
@@ -286,12 +339,13 @@ impl UserQueue {
                 timestamp: now,
             };
             encode_line_into(&rec, &mut out.index);
+            self.index_records += 1;
             return to;
         }
         current
     }
 
-    fn write_ack(&self, partition: Partition, from: &str, up: u64, now: i64, out: &mut Lines) {
+    fn write_ack(&mut self, partition: Partition, from: &str, up: u64, now: i64, out: &mut Lines) {
         let rec = QueueRecord {
             offset: up,
             partition: partition as i32,
@@ -303,6 +357,7 @@ impl UserQueue {
             ..Default::default()
         };
         encode_line_into(&rec, &mut out.queue);
+        self.queue_records += 1;
     }
 
     /// Applies a device's receipt (see [`AckRequest`] for the semantics).
@@ -460,6 +515,157 @@ impl UserQueue {
             notifications: self.unacked(Partition::Notification),
             senders,
             receipts: self.unacked(Partition::Receipt),
+        }
+    }
+
+    /// Whether retention may drop `item` once it is old enough: acknowledged items, and the
+    /// user's own copies of what it sent (nobody acknowledges those).
+    fn retention_droppable(&self, item: &Item) -> bool {
+        item.acknowledged || item.from == self.user
+    }
+
+    fn cursor_count(&self) -> u64 {
+        self.cursors.values().map(|m| m.len() as u64).sum()
+    }
+
+    /// Whether compaction has work here; cheap (looks at most at [`RETENTION_SCAN`] items).
+    /// Counts over the limit trigger only past an eighth more, so compaction is not run after
+    /// every append; retention runs at most every sixteenth of the retention period.
+    pub fn needs_compaction(&self, now: i64, lim: &Limits) -> bool {
+        if now < self.compact_blocked_until {
+            return false;
+        }
+        let items = self.items.len();
+        if lim.max_items > 0 && items > lim.max_items + lim.max_items / 8 {
+            return true;
+        }
+        if self.queue_records > QUEUE_LINES_PER_ITEM * items as u64 + SLACK_LINES
+            || self.index_records > INDEX_LINES_PER_CURSOR * self.cursor_count() + SLACK_LINES
+        {
+            return true;
+        }
+        if lim.retention_ms > 0 && now - self.compacted_at >= lim.retention_ms / 16 {
+            let cutoff = now - lim.retention_ms;
+            return self
+                .items
+                .iter()
+                .take(RETENTION_SCAN)
+                .take_while(|i| i.timestamp < cutoff)
+                .any(|i| self.retention_droppable(i));
+        }
+        false
+    }
+
+    /// After a failed compaction: not again before `until` (unix ms).
+    pub fn block_compaction(&mut self, until: i64) {
+        self.compact_blocked_until = until;
+    }
+
+    /// Computes the compacted form of both files: the kept items (with their acknowledged flag,
+    /// so no ACK records are needed), a MARK record when the last offset given out is not the
+    /// last kept item's (offsets stay monotonic even when everything was dropped), and the latest
+    /// cursor per (device, partition, from, kind). Dropped: retention-droppable items older than
+    /// the retention, then, over `max_items`, acknowledged items oldest first and then
+    /// unacknowledged ones oldest first.
+    pub fn compact(&self, now: i64, lim: &Limits) -> Compacted {
+        let n = self.items.len();
+        let cutoff = if lim.retention_ms > 0 {
+            now - lim.retention_ms
+        } else {
+            i64::MIN
+        };
+        let mut keep: Vec<bool> = self
+            .items
+            .iter()
+            .map(|i| !(i.timestamp < cutoff && self.retention_droppable(i)))
+            .collect();
+        let mut kept = keep.iter().filter(|k| **k).count();
+        let mut dropped_unacked = 0u64;
+        if lim.max_items > 0 && kept > lim.max_items {
+            for pass_acked in [true, false] {
+                for (i, it) in self.items.iter().enumerate() {
+                    if kept <= lim.max_items {
+                        break;
+                    }
+                    if keep[i] && self.retention_droppable(it) == pass_acked {
+                        keep[i] = false;
+                        kept -= 1;
+                        if !it.acknowledged {
+                            dropped_unacked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut queue_recs: Vec<QueueRecord> = Vec::with_capacity(kept + 1);
+        for (it, _) in self.items.iter().zip(&keep).filter(|(_, k)| **k) {
+            queue_recs.push(QueueRecord {
+                offset: it.offset,
+                partition: it.partition as i32,
+                from: it.from.clone(),
+                to: it.to.clone(),
+                payload: it.payload.clone(),
+                timestamp: it.timestamp,
+                acknowledged: it.acknowledged,
+                message_id: it.message_id.clone(),
+                device: it.device.clone(),
+                kind: QueueRecordKind::Item as i32,
+                peer_offset: it.peer_offset,
+            });
+        }
+        let last = self.last_offset();
+        if last > 0 && queue_recs.last().map(|r| r.offset) != Some(last) {
+            queue_recs.push(QueueRecord {
+                offset: last,
+                to: self.user.clone(),
+                timestamp: now,
+                kind: QueueRecordKind::Mark as i32,
+                ..Default::default()
+            });
+        }
+        let mut index_recs: Vec<IndexRecord> = Vec::new();
+        for ((partition, from), map) in &self.cursors {
+            for ((device, kind), &next_offset) in map {
+                index_recs.push(IndexRecord {
+                    device: device.clone(),
+                    partition: *partition as i32,
+                    from: from.clone(),
+                    to: self.user.clone(),
+                    next_offset,
+                    kind: *kind,
+                    timestamp: now,
+                });
+            }
+        }
+        index_recs.sort_by(|a, b| {
+            (a.partition, &a.from, &a.device, a.kind).cmp(&(
+                b.partition,
+                &b.from,
+                &b.device,
+                b.kind,
+            ))
+        });
+        let mut queue = Vec::new();
+        for r in &queue_recs {
+            encode_line_into(r, &mut queue);
+        }
+        let mut index = Vec::new();
+        for r in &index_recs {
+            encode_line_into(r, &mut index);
+        }
+        let queue_changed = self.queue_records != queue_recs.len() as u64;
+        let index_changed = self.index_records != index_recs.len() as u64;
+        let mut state = UserQueue::from_records(&self.user, queue_recs, index_recs);
+        state.compacted_at = now;
+        Compacted {
+            queue,
+            index,
+            queue_changed,
+            index_changed,
+            state,
+            dropped: (n - kept) as u64,
+            dropped_unacked,
+            kept: kept as u64,
         }
     }
 }

@@ -23,20 +23,31 @@ pub(crate) fn io_err(path: &Path, source: io::Error) -> StoreError {
 }
 
 /// A file's lines sorted into good records, a bad tail and bad lines before it.
-struct Checked<M> {
+pub(super) struct Checked<M> {
     /// (line number, byte range, record).
-    good: Vec<(u64, std::ops::Range<usize>, M)>,
+    pub good: Vec<(u64, std::ops::Range<usize>, M)>,
     /// The last line, when it is torn or corrupt: (line number, its start, reason).
-    torn: Option<(u64, u64, String)>,
+    pub torn: Option<(u64, u64, String)>,
     /// Bad lines before the last one: (line number, reason).
-    bad: Vec<(u64, String)>,
+    pub bad: Vec<(u64, String)>,
 }
 
 /// Items must have increasing offsets; anything else is corruption even with a valid CRC.
-fn queue_semantics() -> impl FnMut(&QueueRecord) -> Result<(), String> {
+pub(super) fn queue_semantics() -> impl FnMut(&QueueRecord) -> Result<(), String> {
     let mut last = 0u64;
     move |rec| {
         if rec.kind == QueueRecordKind::Ack as i32 {
+            return Ok(());
+        }
+        if rec.kind == QueueRecordKind::Mark as i32 {
+            // Compaction's note of the last offset given out: items after it must be greater.
+            if rec.offset < last {
+                return Err(format!(
+                    "mark of last offset {} is before the previous item's offset {last}",
+                    rec.offset
+                ));
+            }
+            last = rec.offset;
             return Ok(());
         }
         if rec.offset <= last {
@@ -50,7 +61,7 @@ fn queue_semantics() -> impl FnMut(&QueueRecord) -> Result<(), String> {
     }
 }
 
-fn check<M: prost::Message + Default>(
+pub(super) fn check<M: prost::Message + Default>(
     data: &[u8],
     mut semantic: impl FnMut(&M) -> Result<(), String>,
 ) -> Checked<M> {
@@ -82,7 +93,7 @@ fn check<M: prost::Message + Default>(
     out
 }
 
-fn read_or_empty(path: &Path) -> Result<Vec<u8>, StoreError> {
+pub(super) fn read_or_empty(path: &Path) -> Result<Vec<u8>, StoreError> {
     match fs::read(path) {
         Ok(d) => Ok(d),
         // A path component that is not a folder means the file does not exist either.
@@ -98,7 +109,7 @@ fn read_or_empty(path: &Path) -> Result<Vec<u8>, StoreError> {
     }
 }
 
-fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
+pub(super) fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -115,7 +126,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Keeps the original aside and atomically replaces `path` with only its good lines.
-fn rewrite<M>(path: &Path, data: &[u8], checked: &Checked<M>) -> Result<(), StoreError> {
+pub(super) fn rewrite<M>(path: &Path, data: &[u8], checked: &Checked<M>) -> Result<(), StoreError> {
     let aside = PathBuf::from(format!(
         "{}.corrupt-{}",
         path.display(),
@@ -186,8 +197,27 @@ fn recover_file<M: prost::Message + Default>(
     Ok(checked.good.into_iter().map(|(_, _, r)| r).collect())
 }
 
+/// Removes temporary files of a compaction that a crash interrupted before its rename (the
+/// original files are still complete).
+pub(super) fn remove_leftover_temps(data_dir: &Path, user: &str) -> Result<(), StoreError> {
+    for path in [queue_path(data_dir, user), index_path(data_dir, user)] {
+        let tmp = super::profile::temp_path(&path);
+        match fs::remove_file(&tmp) {
+            Ok(()) => tracing::warn!(file = %tmp.display(), "removed an unfinished compaction"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => return Err(io_err(&tmp, e)),
+        }
+    }
+    Ok(())
+}
+
 fn recover_user(data_dir: &Path, user: &str, repair: bool) -> Result<UserReport, StoreError> {
     let mut report = UserReport::default();
+    remove_leftover_temps(data_dir, user)?;
     let q = queue_path(data_dir, user);
     recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
     let i = index_path(data_dir, user);

@@ -3,7 +3,7 @@
 //! dirty file gets one `write_all` and one fsync, and only then are the writes answered (group
 //! commit). No lock is shared between shards and nothing blocks the async callers but the send.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::num::NonZeroUsize;
@@ -15,12 +15,12 @@ use lru::LruCache;
 use tokio::sync::{mpsc, oneshot};
 
 use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path};
-use super::queue::{Lines, UserQueue};
+use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
-    AckOutcome, AckRequest, Appended, NewItem, PendingForDevice, Profile, ReadBatch, ReadRequest,
-    StoreError,
+    AckOutcome, AckRequest, Appended, Compaction, NewItem, PendingForDevice, Profile, ReadBatch,
+    ReadRequest, StoreError,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -56,7 +56,13 @@ pub(crate) enum Cmd {
         edit: Edit,
         reply: Reply<Edited>,
     },
-    /// Periodic: write profiles whose advisory changes (last seen) are only in memory.
+    /// Compact one user's files now (see [`Shard::compact_user`]).
+    Compact {
+        user: String,
+        reply: Reply<Compaction>,
+    },
+    /// Periodic: write profiles whose advisory changes (last seen) are only in memory, and look
+    /// for users due for compaction.
     Tick,
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -72,6 +78,7 @@ impl Cmd {
             Cmd::Pending { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Profile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Compact { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Tick => {}
             Cmd::Shutdown { reply } => drop(reply.send(())),
         }
@@ -120,6 +127,32 @@ pub(crate) struct ShardConfig {
     pub cache_users: usize,
     pub open_files: usize,
     pub observer: Option<Arc<dyn StoreObserver>>,
+    pub limits: Limits,
+}
+
+/// How often every cached user is looked at for retention (writes trigger a look at once).
+#[cfg(not(test))]
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Cached users looked at per tick during a sweep.
+const SWEEP_PER_TICK: usize = 4096;
+
+/// After a failed compaction, the user is not compacted again for this long (ms).
+const COMPACT_RETRY_MS: i64 = 10_000;
+
+/// Background compaction bookkeeping: which users to look at and which are due.
+#[derive(Default)]
+struct Maintenance {
+    /// Users written since they were last looked at.
+    touched: HashSet<String>,
+    /// Cached users still to look at in the current sweep.
+    sweep: Vec<String>,
+    last_sweep: Option<Instant>,
+    /// Users found due, compacted one per batch or tick.
+    due: VecDeque<String>,
+    due_set: HashSet<String>,
 }
 
 pub(crate) struct Shard {
@@ -137,6 +170,7 @@ pub(crate) struct Shard {
     profiles: LruCache<String, StoredProfile>,
     /// Users whose cached profile has advisory changes (last seen) not yet written.
     lazy: HashSet<String>,
+    maint: Maintenance,
 }
 
 /// Gets a user's state, loading it from its files on first touch.
@@ -165,6 +199,7 @@ impl Shard {
             unsynced_dirs: HashSet::new(),
             profiles: LruCache::unbounded(),
             lazy: HashSet::new(),
+            maint: Maintenance::default(),
             cfg,
         }
     }
@@ -181,6 +216,7 @@ impl Shard {
                 }
             }
             let mut stop = None;
+            let tick = batch.iter().any(|c| matches!(c, Cmd::Tick));
             for cmd in batch {
                 if stop.is_some() {
                     cmd.refuse();
@@ -197,6 +233,9 @@ impl Shard {
                 }
             }
             self.commit();
+            if stop.is_none() {
+                self.maintain(tick);
+            }
             self.trim();
             if let Some(reply) = stop {
                 rx.close();
@@ -226,6 +265,9 @@ impl Shard {
                         return false;
                     }
                 };
+                if !self.maint.touched.contains(&user) {
+                    self.maint.touched.insert(user.clone());
+                }
                 let d = self.dirty.entry(user).or_default();
                 match state.append(item, now, &mut d.lines) {
                     Ok(a) => {
@@ -244,6 +286,9 @@ impl Shard {
                         return false;
                     }
                 };
+                if !self.maint.touched.contains(&user) {
+                    self.maint.touched.insert(user.clone());
+                }
                 let d = self.dirty.entry(user).or_default();
                 match state.acknowledge(req, now, &mut d.lines) {
                     Ok(o) => d.replies.push(Deferred::Ack(reply, o)),
@@ -274,6 +319,14 @@ impl Shard {
             }
             Cmd::EditProfile { user, edit, reply } => {
                 let _ = reply.send(self.edit_profile(&user, edit, now));
+                false
+            }
+            Cmd::Compact { user, reply } => {
+                // Lines of this batch must reach the old files before they are replaced.
+                self.commit();
+                let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|_| ());
+                let r = r.and_then(|()| self.compact_user(&user, now));
+                let _ = reply.send(r);
                 false
             }
             Cmd::Tick => {
@@ -407,10 +460,10 @@ impl Shard {
                     break;
                 }
             };
-            let w = f.write_all(buf);
+            let w = write_checked(&mut f, &path, buf);
             open.push((path.clone(), f, before));
             if let Err(e) = w {
-                result = Err(io_err(&path, e));
+                result = Err(e);
                 break;
             }
         }
@@ -494,6 +547,123 @@ impl Shard {
         }
     }
 
+    /// Background compaction, run after each batch (no uncommitted lines exist then): looks at
+    /// the users written in the batch and, on ticks, at a slice of the cached users (a sweep
+    /// every [`SWEEP_INTERVAL`]), then compacts at most one due user, so senders on this shard
+    /// wait for at most one user's rewrite.
+    fn maintain(&mut self, tick: bool) {
+        #[cfg(test)]
+        if fault::background_paused(&self.cfg.data_dir) {
+            self.maint.touched.clear();
+            return;
+        }
+        let now = bimip_proto::now_ms();
+        let limits = self.cfg.limits;
+        let touched: Vec<String> = self.maint.touched.drain().collect();
+        if tick {
+            let sweep_due = self
+                .maint
+                .last_sweep
+                .is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL);
+            if sweep_due && self.maint.sweep.is_empty() {
+                self.maint.sweep = self.users.iter().map(|(u, _)| u.clone()).collect();
+                self.maint.last_sweep = Some(Instant::now());
+            }
+        }
+        let swept: Vec<String> = if tick {
+            let n = self.maint.sweep.len().saturating_sub(SWEEP_PER_TICK);
+            self.maint.sweep.split_off(n)
+        } else {
+            Vec::new()
+        };
+        for user in touched.into_iter().chain(swept) {
+            if self.maint.due_set.contains(&user) {
+                continue;
+            }
+            if self
+                .users
+                .peek(&user)
+                .is_some_and(|q| q.needs_compaction(now, &limits))
+            {
+                self.maint.due_set.insert(user.clone());
+                self.maint.due.push_back(user);
+            }
+        }
+        while let Some(user) = self.maint.due.pop_front() {
+            self.maint.due_set.remove(&user);
+            if self
+                .users
+                .peek(&user)
+                .is_some_and(|q| q.needs_compaction(now, &limits))
+            {
+                // Failures are logged and retried later.
+                let _ = self.compact_user(&user, now);
+                break;
+            }
+        }
+    }
+
+    /// Rewrites one user's queue and index files without what [`UserQueue::compact`] drops:
+    /// each file is written under a temporary name, fsynced, renamed over the original and the
+    /// folder fsynced (the rename is the commit point; a leftover temporary file is removed at
+    /// start). Memory switches to the compacted state only once both files are replaced.
+    pub(crate) fn compact_user(&mut self, user: &str, now: i64) -> Result<Compaction, StoreError> {
+        let started = Instant::now();
+        let limits = self.cfg.limits;
+        let Some(state) = self.users.peek(user) else {
+            return Ok(Compaction::default());
+        };
+        let c = state.compact(now, &limits);
+        let qp = queue_path(&self.cfg.data_dir, user);
+        let ip = index_path(&self.cfg.data_dir, user);
+        // The append handles would keep writing to the replaced files.
+        self.files.pop(&qp);
+        self.files.pop(&ip);
+        let mut result = Ok(());
+        if c.queue_changed {
+            result = replace_file(&qp, &c.queue);
+        }
+        if result.is_ok() && c.index_changed {
+            result = replace_file(&ip, &c.index);
+        }
+        match result {
+            Ok(()) => {
+                if c.dropped_unacked > 0 {
+                    tracing::warn!(
+                        user,
+                        dropped = c.dropped_unacked,
+                        max_queue_items = limits.max_items,
+                        "queue over max_queue_items: dropped unacknowledged items, oldest first"
+                    );
+                }
+                tracing::debug!(user, dropped = c.dropped, kept = c.kept, "compacted");
+                let out = Compaction {
+                    dropped: c.dropped,
+                    dropped_unacked: c.dropped_unacked,
+                    kept: c.kept,
+                };
+                self.users.put(user.to_string(), c.state);
+                if let Some(obs) = &self.cfg.observer {
+                    obs.compacted(user, out.dropped, out.kept, started.elapsed());
+                    if out.dropped_unacked > 0 {
+                        obs.dropped_unacked(user, out.dropped_unacked);
+                    }
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                tracing::error!(user, error = %e, "compaction failed; the files are unchanged");
+                // Memory may no longer match one of the files: reload from disk next time.
+                self.users.pop(user);
+                if let Ok(mut q) = load_user(&self.cfg.data_dir, user) {
+                    q.block_compaction(now + COMPACT_RETRY_MS);
+                    self.users.put(user.to_string(), q);
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn trim(&mut self) {
         let cap = self.cfg.cache_users.max(1);
         while self.users.len() > cap {
@@ -525,5 +695,107 @@ impl Shard {
                 tracing::error!(error = %e, "fsync of a folder at shutdown failed");
             }
         }
+    }
+}
+
+/// Replaces `path` with `data` atomically and durably: temporary file in the same folder, write,
+/// fsync, rename over, fsync of the folder. On failure the temporary file is removed and `path`
+/// is unchanged (unless only the folder fsync failed).
+pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let tmp = profile::temp_path(path);
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        write_checked(&mut f, &tmp, data)?;
+        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        drop(f);
+        #[cfg(test)]
+        fault::before_rename(path)?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    if let Some(dir) = path.parent() {
+        super::recovery::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// `write_all`, with a fault injection point under test.
+fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
+    #[cfg(test)]
+    if let Some((after, kind)) = fault::write_fault(path) {
+        let n = after.min(buf.len());
+        f.write_all(&buf[..n]).map_err(|e| io_err(path, e))?;
+        return Err(io_err(path, std::io::Error::from(kind)));
+    }
+    f.write_all(buf).map_err(|e| io_err(path, e))
+}
+
+/// Test-only fault injection: writes to a chosen file fail (after writing part of the buffer),
+/// as a full disk or a revoked permission would make them.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use crate::StoreError;
+
+    static WRITES: Mutex<Option<HashMap<PathBuf, (usize, std::io::ErrorKind)>>> = Mutex::new(None);
+    static RENAMES: Mutex<Option<HashMap<PathBuf, ()>>> = Mutex::new(None);
+    static PAUSED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// No background compaction in stores on `data_dir` (tests that compact explicitly).
+    pub fn pause_background(data_dir: &Path) {
+        let mut g = PAUSED.lock().unwrap_or_else(|p| p.into_inner());
+        g.push(data_dir.to_path_buf());
+    }
+
+    pub(super) fn background_paused(data_dir: &Path) -> bool {
+        let g = PAUSED.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().any(|d| d == data_dir)
+    }
+
+    /// Writes to `path` write `after` bytes, then fail with `kind` (until [`clear`]).
+    pub fn fail_writes(path: &Path, after: usize, kind: std::io::ErrorKind) {
+        let mut g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), (after, kind));
+    }
+
+    /// The rename of a temporary file over `path` fails (a crash before the commit point).
+    pub fn fail_rename(path: &Path) {
+        let mut g = RENAMES.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), ());
+    }
+
+    pub fn clear(path: &Path) {
+        let mut g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.as_mut() {
+            m.remove(path);
+        }
+        let mut g = RENAMES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = g.as_mut() {
+            m.remove(path);
+        }
+    }
+
+    pub(super) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
+        let g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()?.get(path).copied()
+    }
+
+    pub(super) fn before_rename(path: &Path) -> Result<(), StoreError> {
+        let g = RENAMES.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|m| m.contains_key(path)) {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("injected: crash before rename"),
+            });
+        }
+        Ok(())
     }
 }
