@@ -14,6 +14,8 @@ pub struct Identity {
     pub device: Option<String>,
     /// Token expiry (unix seconds).
     pub exp: i64,
+    /// Issue time (unix seconds), if the token carries one (needed after a revoke).
+    pub iat: Option<i64>,
 }
 
 /// Why a token was refused. Messages are safe to return to the client (no key material).
@@ -41,12 +43,16 @@ pub enum AuthError {
     BadSubject(String),
     #[error("token device claim is not a valid device id: {0}")]
     BadDevice(String),
+    #[error("token was revoked")]
+    Revoked,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
     exp: i64,
+    #[serde(default)]
+    iat: Option<i64>,
     #[serde(default)]
     device: Option<String>,
 }
@@ -62,6 +68,7 @@ pub struct Verifier {
     keys: Vec<Key>,
     issuer: Option<String>,
     audience: Option<String>,
+    leeway: u64,
 }
 
 impl Verifier {
@@ -127,6 +134,7 @@ impl Verifier {
             keys,
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
+            leeway: cfg.leeway_secs,
         })
     }
 
@@ -147,7 +155,7 @@ impl Verifier {
         let mut v = Validation::new(key.alg);
         v.algorithms = vec![key.alg];
         v.set_required_spec_claims(&["exp", "sub"]);
-        v.leeway = 30;
+        v.leeway = self.leeway;
         match &self.issuer {
             Some(iss) => v.set_issuer(&[iss]),
             None => v.iss = None,
@@ -167,7 +175,13 @@ impl Verifier {
             user: claims.sub,
             device: claims.device,
             exp: claims.exp,
+            iat: claims.iat,
         })
+    }
+
+    /// Clock skew tolerated on `exp`, in seconds.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
     }
 }
 

@@ -34,12 +34,16 @@ pub struct Config {
     pub max_http_body_bytes: usize,
     pub store: StoreSettings,
     pub presence: PresenceSettings,
+    /// Abuse limits: frame rate, connections, write and request timeouts.
+    pub limits: LimitSettings,
+    /// Serve HTTPS/WSS with these PEM files (both or neither).
+    pub tls: TlsSettings,
     /// Repair mid-file store corruption at start-up instead of refusing to start.
     pub repair: bool,
 }
 
 /// How tokens are verified. Exactly one key source must be set (SPEC §7).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// HS256 shared secret.
@@ -52,6 +56,72 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` (seconds). A connection is closed (1008 "token expired")
+    /// once `exp` + leeway has passed.
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            secret: None,
+            public_key: None,
+            jwks: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+        }
+    }
+}
+
+/// Limits that keep one client (or many) from taking the server down.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Frames one connection may send per second (token bucket refill rate).
+    pub frames_per_second: u32,
+    /// Frames one connection may send in a burst (token bucket size).
+    pub frames_burst: u32,
+    /// Frames refused for the rate limit within one second that close the connection with
+    /// 1008 "rate limit" (sustained flooding).
+    pub flood_refusals: u32,
+    /// Connections one user may hold at once; more are refused with HTTP 429.
+    pub max_connections_per_user: u32,
+    /// Connections the server holds at once; more are refused with HTTP 503.
+    pub max_connections: u32,
+    /// Bytes of frames that may wait in one connection's outbound buffer (besides
+    /// `outbox_frames`) before it is closed as slow (1013).
+    pub outbox_bytes: usize,
+    /// A socket write that makes no progress for this long closes the connection.
+    pub write_timeout_ms: u64,
+    /// An HTTP request (body included) that takes longer is answered 503.
+    pub http_timeout_ms: u64,
+    /// Upper bound of a graceful shutdown before the store is flushed anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            frames_per_second: 200,
+            frames_burst: 400,
+            flood_refusals: 1000,
+            max_connections_per_user: 16,
+            max_connections: 100_000,
+            outbox_bytes: 1024 * 1024,
+            write_timeout_ms: 10_000,
+            http_timeout_ms: 30_000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// TLS (rustls): PEM certificate chain and private key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// Who may see whom, and the limits of the awareness features (SPEC §2).
@@ -150,6 +220,8 @@ impl Default for Config {
             max_http_body_bytes: 256 * 1024,
             store: StoreSettings::default(),
             presence: PresenceSettings::default(),
+            limits: LimitSettings::default(),
+            tls: TlsSettings::default(),
             repair: false,
         }
     }
@@ -212,6 +284,30 @@ impl Config {
         if self.presence.typing_per_second == 0 || self.presence.max_subscriptions == 0 {
             return Err(ConfigError::Invalid(
                 "presence.typing_per_second and presence.max_subscriptions must be >= 1".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.frames_per_second == 0
+            || l.frames_burst == 0
+            || l.flood_refusals == 0
+            || l.max_connections_per_user == 0
+            || l.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits.frames_per_second, frames_burst, flood_refusals, max_connections_per_user \
+                 and max_connections must be >= 1"
+                    .into(),
+            ));
+        }
+        if l.outbox_bytes < 1024 || l.write_timeout_ms < 10 || l.http_timeout_ms < 10 {
+            return Err(ConfigError::Invalid(
+                "limits.outbox_bytes must be >= 1024, write_timeout_ms and http_timeout_ms >= 10"
+                    .into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "TLS needs both --tls-cert and --tls-key".into(),
             ));
         }
         if self.store.max_open_files < 2 * self.store.shards {

@@ -18,10 +18,7 @@ use bimip_proto::{
 use bimip_store::{QueueStore, ReadRequest};
 use futures_util::{SinkExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
-use tokio::{
-    sync::mpsc,
-    time::{Instant, sleep_until},
-};
+use tokio::{sync::mpsc, time::Instant};
 
 /// Who is on the other end of a connection.
 pub struct ConnIdent {
@@ -29,12 +26,21 @@ pub struct ConnIdent {
     pub device: Arc<str>,
     pub codec: Codec,
     pub session: String,
+    /// Token expiry (unix seconds): the connection is closed with 1008 once it (plus the
+    /// configured leeway) has passed.
+    pub exp: i64,
+    /// Token issue time (unix seconds), checked again against revocations after registering.
+    pub iat: Option<i64>,
+    /// The admission slot, given back when the connection ends.
+    pub slot: Option<crate::limits::ConnSlot>,
 }
 
 /// Most frames written to the socket before one flush.
 const WRITE_BATCH: usize = 64;
 const RESUME_DEFAULT_LIMIT: u32 = 100;
 const RESUME_MAX_LIMIT: u32 = 1000;
+/// Longest wait for the close frame to be written when the server ends a connection.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the loop ended.
 enum End {
@@ -59,20 +65,34 @@ struct Conn {
     /// Users this connection subscribed to (open policy), removed when it closes.
     subscribed: BTreeSet<String>,
     typing: TokenBucket,
+    /// Rate limit of all data frames of this connection.
+    frames: TokenBucket,
+    /// Frames refused for the rate limit in the current one-second window.
+    flood: (Instant, u32),
+    write_timeout: Duration,
+    /// When the token expires (None: too far away to matter).
+    expires: Option<Instant>,
+    signal: Arc<ConnSignal>,
 }
 
-/// Rate limit of TYPING/RECORDING frames: `rate` per second with a burst of the same size.
+/// A token bucket: `rate` per second with a burst of `burst`.
 struct TokenBucket {
     tokens: f64,
     rate: f64,
+    burst: f64,
     last: Instant,
 }
 
 impl TokenBucket {
     fn new(rate: u32) -> TokenBucket {
+        TokenBucket::with_burst(rate, rate)
+    }
+
+    fn with_burst(rate: u32, burst: u32) -> TokenBucket {
         TokenBucket {
-            tokens: rate as f64,
+            tokens: burst as f64,
             rate: rate as f64,
+            burst: burst as f64,
             last: Instant::now(),
         }
     }
@@ -80,7 +100,7 @@ impl TokenBucket {
     fn take(&mut self) -> bool {
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -94,7 +114,9 @@ impl TokenBucket {
 pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
     let conn_id = state.next_conn_id();
     let (tx, rx) = mpsc::channel(state.config.outbox_frames);
-    let signal = Arc::new(ConnSignal::default());
+    let signal = Arc::new(ConnSignal::with_max_bytes(state.config.limits.outbox_bytes));
+    let limits = &state.config.limits;
+    let expires = expiry_instant(ident.exp, state.verifier.leeway());
     state.metrics.connections.inc();
     state.metrics.connections_total.inc();
     let now = Instant::now();
@@ -109,16 +131,20 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
         handle: None,
         subscribed: BTreeSet::new(),
         typing: TokenBucket::new(state.config.presence.typing_per_second),
+        frames: TokenBucket::with_burst(limits.frames_per_second, limits.frames_burst),
+        flood: (now, 0),
+        write_timeout: Duration::from_millis(limits.write_timeout_ms),
+        expires,
+        signal: signal.clone(),
     };
     let end = conn.start(tx, rx, signal).await;
     if let End::Close(code, reason) = end {
-        let _ = conn
-            .socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await;
+        // A peer that stopped reading cannot take the close frame either: do not wait long.
+        let close = conn.socket.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })));
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT.min(conn.write_timeout), close).await;
     }
     awareness::unsubscribe_all(&state, conn_id, &conn.subscribed);
     if let Some(last_seen) = state.sessions.unregister(&conn.id.user, conn_id) {
@@ -168,6 +194,11 @@ impl Conn {
         if self.state.sessions.register(&self.id.user, handle) {
             self.state.metrics.users_online.inc();
         }
+        // A revoke between the upgrade check and the registration above found nothing to close.
+        if !self.state.revocations.allows(&self.id.user, self.id.iat) {
+            self.state.metrics.disconnect("revoked");
+            return End::Close(1008, "revoked");
+        }
         awareness::connected(&self.state, &self.id.user).await;
         match self
             .state
@@ -181,7 +212,7 @@ impl Conn {
                         return End::Gone;
                     }
                 }
-                if self.socket.flush().await.is_err() {
+                if self.flush().await.is_err() {
                     return End::Gone;
                 }
             }
@@ -200,19 +231,40 @@ impl Conn {
     ) -> End {
         let heartbeat = Duration::from_millis(self.state.config.heartbeat_ms as u64);
         let max_inflight = self.state.config.max_inflight;
+        // One timer and one close-signal future for the connection's life, not one per loop turn:
+        // the timer is armed for the next ping or for when the peer would count as gone, and
+        // re-armed only when it fires (last_rx moves forward meanwhile, so firing early is fine).
+        let next_check = |c: &Conn| {
+            let at = (c.last_ping + heartbeat).min(c.last_rx + 2 * heartbeat);
+            c.expires.map_or(at, |exp| at.min(exp))
+        };
+        let timer = tokio::time::sleep_until(next_check(self));
+        tokio::pin!(timer);
+        let closed = signal.closed();
+        tokio::pin!(closed);
         loop {
-            // Next timer event: the next ping, or the moment the peer counts as gone.
-            let deadline = (self.last_ping + heartbeat).min(self.last_rx + 2 * heartbeat);
             tokio::select! {
-                why = signal.closed() => {
+                why = &mut closed => {
                     if why == Disconnect::Slow {
                         self.state.metrics.slow_consumers.inc();
                     }
+                    self.state.metrics.disconnect(why.label());
                     return End::Close(why.code(), why.reason());
                 }
                 msg = self.socket.recv(), if self.inflight.len() < max_inflight => {
                     let Some(msg) = msg else { return End::Gone };
                     self.last_rx = Instant::now();
+                    if matches!(msg, Ok(Message::Binary(_) | Message::Text(_))) && !self.frames.take() {
+                        let r = match &msg {
+                            Ok(Message::Binary(data)) => salvage_binary_ref(data),
+                            Ok(Message::Text(text)) => salvage_json_ref(text.as_str()),
+                            _ => 0,
+                        };
+                        if let Err(end) = self.rate_limited(r).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     match msg {
                         Ok(Message::Binary(data)) => {
                             let decoded = self.id.codec.decode_binary(&data);
@@ -231,25 +283,27 @@ impl Conn {
                         Ok(Message::Ping(_) | Message::Pong(_)) => {}
                         Ok(Message::Close(_)) => {
                             // tungstenite queued the close reply; flushing completes the handshake.
-                            let _ = self.socket.flush().await;
+                            let _ = self.flush().await;
                             return End::Gone;
                         }
                         Err(e) => return read_error(e),
                     }
                 }
                 Some(out) = rx.recv() => {
+                    self.signal.release(out.size());
                     if self.feed(&out).await.is_err() {
                         return End::Gone;
                     }
                     let mut n = 1;
                     while n < WRITE_BATCH {
                         let Ok(out) = rx.try_recv() else { break };
+                        self.signal.release(out.size());
                         if self.feed(&out).await.is_err() {
                             return End::Gone;
                         }
                         n += 1;
                     }
-                    if self.socket.flush().await.is_err() {
+                    if self.flush().await.is_err() {
                         return End::Gone;
                     }
                 }
@@ -259,22 +313,28 @@ impl Conn {
                             return End::Gone;
                         }
                     }
-                    if self.socket.flush().await.is_err() {
+                    if self.flush().await.is_err() {
                         return End::Gone;
                     }
                 }
-                _ = sleep_until(deadline) => {
+                _ = &mut timer => {
                     let now = Instant::now();
+                    if self.expires.is_some_and(|exp| now >= exp) {
+                        tracing::debug!(user = %self.id.user, "token expired");
+                        self.state.metrics.disconnect("token_expired");
+                        return End::Close(1008, "token expired");
+                    }
                     if now >= self.last_rx + 2 * heartbeat {
                         tracing::debug!(user = %self.id.user, "heartbeat timeout");
                         return End::Close(1001, "heartbeat timeout");
                     }
                     if now >= self.last_ping + heartbeat {
                         self.last_ping = now;
-                        if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                        if self.send_raw(Message::Ping(Default::default())).await.is_err() {
                             return End::Gone;
                         }
                     }
+                    timer.as_mut().reset(next_check(self));
                 }
             }
         }
@@ -532,7 +592,30 @@ impl Conn {
                 self.write(f).await.map_err(|_| End::Gone)?;
             }
         }
-        self.socket.flush().await.map_err(|_| End::Gone)
+        self.flush().await.map_err(|_| End::Gone)
+    }
+
+    /// A frame over the rate limit: refused with RATE_LIMITED and its ref, not processed. Too
+    /// many refusals within one second close the connection (1008).
+    async fn rate_limited(&mut self, r: u64) -> Result<(), End> {
+        self.state.metrics.frames_rate_limited.inc();
+        let now = Instant::now();
+        if now.duration_since(self.flood.0) >= Duration::from_secs(1) {
+            self.flood = (now, 0);
+        }
+        self.flood.1 += 1;
+        let limits = &self.state.config.limits;
+        if self.flood.1 > limits.flood_refusals {
+            tracing::debug!(user = %self.id.user, device = %self.id.device, "closed for flooding");
+            self.state.metrics.disconnect("rate_limit");
+            return Err(End::Close(1008, "rate limit"));
+        }
+        let message = format!(
+            "at most {} frames per second (burst {})",
+            limits.frames_per_second, limits.frames_burst
+        );
+        self.refuse(r, Refused::new(ErrorCode::RateLimited, message))
+            .await
     }
 
     async fn refuse(&mut self, r: u64, e: Refused) -> Result<(), End> {
@@ -559,18 +642,60 @@ impl Conn {
 
     async fn write(&mut self, frame: &Frame) -> Result<(), axum::Error> {
         let m = self.message(frame);
-        self.socket.feed(m).await
+        let t = self.write_timeout;
+        let r = tokio::time::timeout(t, self.socket.feed(m)).await;
+        self.timed(r)
     }
 
     async fn write_now(&mut self, frame: &Frame) -> Result<(), axum::Error> {
         let m = self.message(frame);
-        self.socket.send(m).await
+        self.send_raw(m).await
+    }
+
+    async fn send_raw(&mut self, m: Message) -> Result<(), axum::Error> {
+        let t = self.write_timeout;
+        let r = tokio::time::timeout(t, self.socket.send(m)).await;
+        self.timed(r)
+    }
+
+    async fn flush(&mut self) -> Result<(), axum::Error> {
+        let t = self.write_timeout;
+        let r = tokio::time::timeout(t, self.socket.flush()).await;
+        self.timed(r)
     }
 
     async fn feed(&mut self, out: &Outbound) -> Result<(), axum::Error> {
         let m = to_ws(out.encoded(self.id.codec).clone());
-        self.socket.feed(m).await
+        let t = self.write_timeout;
+        let r = tokio::time::timeout(t, self.socket.feed(m)).await;
+        self.timed(r)
     }
+
+    /// A socket write that made no progress for `write_timeout`: the peer stopped reading.
+    fn timed(
+        &self,
+        r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), axum::Error> {
+        r.unwrap_or_else(|_| {
+            tracing::debug!(user = %self.id.user, device = %self.id.device, "socket write timed out");
+            self.state.metrics.disconnect("write_timeout");
+            Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "socket write timed out",
+            )))
+        })
+    }
+}
+
+/// The instant a token expiring at `exp` (unix seconds) stops being valid, `leeway` included;
+/// None when it is too far away to represent.
+fn expiry_instant(exp: i64, leeway: u64) -> Option<Instant> {
+    let now_ms = bimip_proto::now_ms();
+    let end_ms = exp
+        .saturating_add(leeway.min(i64::MAX as u64) as i64)
+        .saturating_mul(1000);
+    let left = Duration::from_millis(end_ms.saturating_sub(now_ms).max(0) as u64);
+    Instant::now().checked_add(left)
 }
 
 /// A bare Ack confirming a frame that has no other answer (receipts, awareness changes).

@@ -5,6 +5,7 @@ use crate::{
     api::ApiError,
     auth::AuthError,
     conn::{self, ConnIdent},
+    limits::Refusal,
     state::Shared,
 };
 use axum::{
@@ -22,6 +23,9 @@ use std::sync::Arc;
 /// Read buffer per connection. tungstenite's 128 KiB default is zero-filled on first read and
 /// would cost ~130 KB of RSS per idle connection; larger frames still work (the buffer grows).
 const READ_BUFFER: usize = 1024;
+/// Bytes buffered before tungstenite writes to the socket (its default is 128 KiB). A device
+/// that stopped reading holds at most about this much here besides its outbox.
+const WRITE_BUFFER: usize = 32 * 1024;
 
 #[derive(Deserialize, Default)]
 pub struct WsQuery {
@@ -50,6 +54,31 @@ pub async fn upgrade(
             return ApiError::unauthorized(e.to_string()).into_response();
         }
     };
+    if !state.revocations.allows(&identity.user, identity.iat) {
+        state.metrics.auth_failures.inc();
+        state.metrics.refused("revoked");
+        return ApiError::unauthorized(AuthError::Revoked.to_string()).into_response();
+    }
+    let user: Arc<str> = Arc::from(identity.user);
+    let slot = match state.conn_limits.acquire(&user) {
+        Ok(slot) => slot,
+        Err(Refusal::User) => {
+            state.metrics.refused("user_limit");
+            return ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this user already has {} connections",
+                    state.config.limits.max_connections_per_user
+                ),
+            )
+            .into_response();
+        }
+        Err(Refusal::Server) => {
+            state.metrics.refused("server_limit");
+            return ApiError::unavailable("the server is at its connection limit").into_response();
+        }
+    };
     let device = match identity.device.or(q.device) {
         Some(d) => {
             if let Err(e) = bimip_proto::validate_device_id(&d) {
@@ -69,14 +98,18 @@ pub async fn upgrade(
     let ws = ws
         .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])
         .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max);
     let codec = Codec::from_subprotocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     let ident = ConnIdent {
-        user: Arc::from(identity.user),
+        user,
         device: Arc::from(device),
         codec,
         session: format!("{:016x}", rand::random::<u64>()),
+        exp: identity.exp,
+        iat: identity.iat,
+        slot: Some(slot),
     };
     ws.on_upgrade(move |socket| conn::run(state, socket, ident))
 }

@@ -9,9 +9,12 @@ pub mod conn;
 pub mod delivery;
 pub mod fanout;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
+pub mod revocations;
 pub mod sessions;
 pub mod state;
+pub mod tls;
 
 pub use config::Config;
 
@@ -68,20 +71,58 @@ pub async fn run(
         fsync = ?config.fsync,
         "store opened"
     );
+    let revocations = revocations::Revocations::load(&config.data_dir)?;
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let state = Arc::new(state::AppState::new(
         config,
         Store::File(file_store),
         metrics,
         verifier,
+        revocations,
     ));
     let app = api::router(state.clone());
     let stopping = state.clone();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        stopping.accepting.store(false, Ordering::Release);
-        stopping.sessions.close_all(sessions::Disconnect::Shutdown);
-    });
-    serve.await?;
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let stop = {
+        let stopped = stopped.clone();
+        async move {
+            shutdown.await;
+            stopping.accepting.store(false, Ordering::Release);
+            stopping.sessions.close_all(sessions::Disconnect::Shutdown);
+            stopped.notify_one();
+        }
+    };
+    // HTTP requests still running this long after the shutdown signal are abandoned.
+    let limit = Duration::from_millis(state.config.limits.shutdown_timeout_ms);
+    match tls {
+        None => {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
+            tokio::select! {
+                r = serve => r?,
+                _ = async { stopped.notified().await; tokio::time::sleep(limit).await } => {
+                    tracing::warn!("HTTP requests still running at the shutdown limit; abandoned");
+                }
+            }
+        }
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                stop.await;
+                h.graceful_shutdown(Some(limit));
+            });
+            axum_server::from_tcp_rustls(
+                listener.into_std()?,
+                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
+            )?
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await?;
+        }
+    }
     // Upgraded WebSockets are not tracked by the HTTP server: wait for them to finish closing.
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while state.metrics.connections.get() > 0 && tokio::time::Instant::now() < deadline {

@@ -37,6 +37,16 @@ pub struct Metrics {
     pub awareness_out: Family<StatusLabel, Counter>,
     pub subscriptions: Gauge,
     pub fanout_seconds: Histogram,
+    pub frames_rate_limited: Counter,
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    pub disconnects: Family<ReasonLabel, Counter>,
+    pub http_timeouts: Counter,
+    pub revocations: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +83,11 @@ impl Metrics {
             subscriptions: Gauge::default(),
             // 10 µs .. ~160 ms
             fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 15)),
+            frames_rate_limited: Counter::default(),
+            connections_refused: Family::default(),
+            disconnects: Family::default(),
+            http_timeouts: Counter::default(),
+            revocations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -160,6 +175,31 @@ impl Metrics {
             "Time to hand one awareness change to every recipient connection",
             m.fanout_seconds.clone(),
         );
+        registry.register(
+            "frames_rate_limited",
+            "Frames refused with RATE_LIMITED (over limits.frames_per_second)",
+            m.frames_rate_limited.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Upgrades refused before the WebSocket exists, by reason (user_limit, server_limit, revoked)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "Connections closed by the server, by reason (rate_limit, slow, write_timeout, revoked, kicked, token_expired, shutdown)",
+            m.disconnects.clone(),
+        );
+        registry.register(
+            "http_timeouts",
+            "HTTP requests answered 503 for taking longer than limits.http_timeout_ms",
+            m.http_timeouts.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Users whose tokens were revoked through the API",
+            m.revocations.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -185,6 +225,18 @@ impl Metrics {
         self.awareness_out
             .get_or_create(&StatusLabel { status })
             .inc_by(n);
+    }
+
+    pub fn disconnect(&self, reason: &'static str) {
+        self.disconnects
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn frame_error(&self, kind: &'static str) {

@@ -14,7 +14,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU16, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
 };
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -27,6 +27,7 @@ pub struct Outbound {
     pub frame: Frame,
     binary: OnceLock<Encoded>,
     json: OnceLock<Encoded>,
+    size: OnceLock<usize>,
 }
 
 impl Outbound {
@@ -35,7 +36,15 @@ impl Outbound {
             frame,
             binary: OnceLock::new(),
             json: OnceLock::new(),
+            size: OnceLock::new(),
         })
+    }
+
+    /// Encoded (protobuf) size, what the frame costs in an outbound buffer.
+    pub fn size(&self) -> usize {
+        *self
+            .size
+            .get_or_init(|| prost::Message::encoded_len(&self.frame))
     }
 
     pub fn encoded(&self, codec: Codec) -> &Encoded {
@@ -56,6 +65,8 @@ pub enum Disconnect {
     Slow,
     /// Kicked by the backend (1008).
     Kicked,
+    /// The user's tokens were revoked by the backend (1008).
+    Revoked,
 }
 
 impl Disconnect {
@@ -63,7 +74,7 @@ impl Disconnect {
         match self {
             Disconnect::Shutdown => 1001,
             Disconnect::Slow => 1013,
-            Disconnect::Kicked => 1008,
+            Disconnect::Kicked | Disconnect::Revoked => 1008,
         }
     }
     pub fn reason(self) -> &'static str {
@@ -71,31 +82,60 @@ impl Disconnect {
             Disconnect::Shutdown => "server shutting down",
             Disconnect::Slow => "slow consumer: outbound buffer full, RESUME to catch up",
             Disconnect::Kicked => "kicked",
+            Disconnect::Revoked => "revoked",
         }
     }
-    fn from_code(code: u16) -> Option<Disconnect> {
-        match code {
-            1001 => Some(Disconnect::Shutdown),
-            1013 => Some(Disconnect::Slow),
-            1008 => Some(Disconnect::Kicked),
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::Slow => "slow",
+            Disconnect::Kicked => "kicked",
+            Disconnect::Revoked => "revoked",
+        }
+    }
+    fn index(self) -> u8 {
+        match self {
+            Disconnect::Shutdown => 1,
+            Disconnect::Slow => 2,
+            Disconnect::Kicked => 3,
+            Disconnect::Revoked => 4,
+        }
+    }
+    fn from_index(i: u8) -> Option<Disconnect> {
+        match i {
+            1 => Some(Disconnect::Shutdown),
+            2 => Some(Disconnect::Slow),
+            3 => Some(Disconnect::Kicked),
+            4 => Some(Disconnect::Revoked),
             _ => None,
         }
     }
 }
 
-/// State a connection shares with the registry: a way to be told to close.
+/// State a connection shares with the registry: a way to be told to close, and the bytes
+/// waiting in its outbound buffer.
 #[derive(Default)]
 pub struct ConnSignal {
     notify: Notify,
-    reason: AtomicU16,
+    reason: AtomicU8,
+    queued_bytes: AtomicUsize,
+    /// Most bytes that may wait in the outbound buffer (0 = no byte limit).
+    max_bytes: usize,
 }
 
 impl ConnSignal {
+    pub fn with_max_bytes(max_bytes: usize) -> ConnSignal {
+        ConnSignal {
+            max_bytes,
+            ..Default::default()
+        }
+    }
     /// Asks the connection to close; the first reason wins.
     pub fn close(&self, why: Disconnect) {
         if self
             .reason
-            .compare_exchange(0, why.code(), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, why.index(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             self.notify.notify_one();
@@ -104,11 +144,28 @@ impl ConnSignal {
     /// Resolves when `close` was called; returns why.
     pub async fn closed(&self) -> Disconnect {
         loop {
-            if let Some(d) = Disconnect::from_code(self.reason.load(Ordering::Acquire)) {
+            if let Some(d) = Disconnect::from_index(self.reason.load(Ordering::Acquire)) {
                 return d;
             }
             self.notify.notified().await;
         }
+    }
+    /// Reserves room for `size` bytes; false when the byte limit would be passed. A frame
+    /// always fits into an empty buffer.
+    fn reserve(&self, size: usize) -> bool {
+        let prev = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if self.max_bytes > 0 && prev > 0 && prev + size > self.max_bytes {
+            self.release(size);
+            return false;
+        }
+        true
+    }
+    /// The connection took `size` bytes out of its buffer.
+    pub fn release(&self, size: usize) {
+        self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+    }
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 }
 
@@ -125,13 +182,25 @@ impl ConnHandle {
     /// Queues a frame for this connection without waiting. A full buffer means the device cannot
     /// keep up: it is told to close (1013) and will catch up with RESUME. Returns true if queued.
     pub fn offer(&self, frame: &Arc<Outbound>) -> bool {
+        let size = frame.size();
+        if self.tx.is_closed() {
+            return false;
+        }
+        if !self.signal.reserve(size) {
+            self.signal.close(Disconnect::Slow);
+            return false;
+        }
         match self.tx.try_send(frame.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.signal.release(size);
                 self.signal.close(Disconnect::Slow);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.signal.release(size);
+                false
+            }
         }
     }
 }
@@ -240,11 +309,13 @@ impl Sessions {
     /// After the grace period: if the user still has no device and was announced ONLINE, forgets
     /// it and returns its `last_seen` (the caller broadcasts OFFLINE). None: it came back, or was
     /// never announced.
-    pub fn announce_offline(&self, user: &Arc<str>) -> Option<i64> {
+    /// `grace_ms`: how long the user must have been gone; a timer of an earlier disconnect that
+    /// fires before that (the user came back and left again) announces nothing.
+    pub fn announce_offline(&self, user: &Arc<str>, grace_ms: i64) -> Option<i64> {
         let last_seen = {
             let mut shard = self.shard(user);
             let e = shard.get(user)?;
-            if !e.conns.is_empty() {
+            if !e.conns.is_empty() || bimip_proto::now_ms() - e.last_seen < grace_ms {
                 return None;
             }
             let (announced, last_seen) = (e.announced, e.last_seen);
@@ -383,8 +454,8 @@ mod tests {
         let last = s.unregister(&alice, 2).expect("last device");
         assert!(!s.is_online("alice"));
         assert_eq!(s.snapshot("alice").last_seen, last);
-        assert_eq!(s.announce_offline(&alice), Some(last));
-        assert_eq!(s.announce_offline(&alice), None, "announced once");
+        assert_eq!(s.announce_offline(&alice, 0), Some(last));
+        assert_eq!(s.announce_offline(&alice, 0), None, "announced once");
         let e1 = events.recv().await.expect("online");
         assert!(e1.online);
         let e2 = events.recv().await.expect("offline");
@@ -404,7 +475,7 @@ mod tests {
         let (h2, _r2) = handle(2, 8);
         s.register(&u, h2);
         // The grace timer fires while the user is back: nothing to announce either way.
-        assert_eq!(s.announce_offline(&u), None);
+        assert_eq!(s.announce_offline(&u, 0), None);
         assert!(!s.announce_online(&u));
     }
 
@@ -419,5 +490,33 @@ mod tests {
         assert_eq!(s.deliver("bob", &f, None).devices, 1);
         assert_eq!(s.deliver("bob", &f, None).slow, 1);
         assert_eq!(signal.closed().await, Disconnect::Slow);
+    }
+
+    #[tokio::test]
+    async fn the_byte_limit_closes_before_the_frame_limit() {
+        let (tx, mut rx) = mpsc::channel(100);
+        let h = ConnHandle {
+            id: 1,
+            device: "d".into(),
+            tx,
+            signal: Arc::new(ConnSignal::with_max_bytes(100)),
+        };
+        let big = Outbound::new(Frame {
+            r#ref: 1,
+            body: Some(bimip_proto::Body::Ping(bimip_proto::v1::Ping {
+                timestamp: 1,
+            })),
+        });
+        let size = big.size();
+        let fit = 100 / size;
+        for _ in 0..fit {
+            assert!(h.offer(&big));
+        }
+        assert!(!h.offer(&big), "over the byte limit");
+        assert_eq!(h.signal.closed().await, Disconnect::Slow);
+        assert_eq!(h.signal.queued_bytes(), fit * size);
+        let out = rx.recv().await.expect("queued");
+        h.signal.release(out.size());
+        assert_eq!(h.signal.queued_bytes(), (fit - 1) * size);
     }
 }

@@ -1,7 +1,8 @@
 //! The server's shared state: one `Arc<AppState>` cloned into every connection and handler.
 
 use crate::{
-    auth::Verifier, awareness::Presence, config::Config, metrics::Metrics, sessions::Sessions,
+    auth::Verifier, awareness::Presence, config::Config, limits::ConnLimits, metrics::Metrics,
+    revocations::Revocations, sessions::Sessions,
 };
 use bimip_store::Store;
 use std::sync::{
@@ -16,6 +17,10 @@ pub struct AppState {
     pub presence: Presence,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
+    /// Connections per user and in total (checked before the upgrade).
+    pub conn_limits: Arc<ConnLimits>,
+    /// Per-user `not_before` of revoked tokens.
+    pub revocations: Revocations,
     /// False once shutdown began: new upgrades are refused and `/readyz` says so.
     pub accepting: AtomicBool,
     next_conn_id: AtomicU64,
@@ -29,8 +34,14 @@ impl AppState {
         store: Store,
         metrics: Arc<Metrics>,
         verifier: Verifier,
+        revocations: Revocations,
     ) -> AppState {
         AppState {
+            conn_limits: Arc::new(ConnLimits::new(
+                config.limits.max_connections_per_user,
+                config.limits.max_connections,
+            )),
+            revocations,
             config,
             store,
             sessions: Sessions::new(),

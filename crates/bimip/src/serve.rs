@@ -55,6 +55,45 @@ pub struct ServeArgs {
     /// Delay before a user whose last device left is announced OFFLINE, in ms [default: 2000].
     #[arg(long, env = "BIMIP_PRESENCE_GRACE_MS")]
     presence_grace_ms: Option<u64>,
+    /// TLS certificate chain (PEM); with --tls-key the server speaks HTTPS and WSS only.
+    #[arg(long, env = "BIMIP_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "BIMIP_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Frames one connection may send per second; more get RATE_LIMITED [default: 200].
+    #[arg(long, env = "BIMIP_MAX_FRAMES_PER_SECOND")]
+    max_frames_per_second: Option<u32>,
+    /// Burst of frames allowed above the per-second rate [default: 400].
+    #[arg(long, env = "BIMIP_FRAMES_BURST")]
+    frames_burst: Option<u32>,
+    /// Rate-limited frames within one second that close the connection (1008) [default: 1000].
+    #[arg(long, env = "BIMIP_FLOOD_REFUSALS")]
+    flood_refusals: Option<u32>,
+    /// Connections one user may hold; more are refused with 429 [default: 16].
+    #[arg(long, env = "BIMIP_MAX_CONNECTIONS_PER_USER")]
+    max_connections_per_user: Option<u32>,
+    /// Connections the server holds; more are refused with 503 [default: 100000].
+    #[arg(long, env = "BIMIP_MAX_CONNECTIONS")]
+    max_connections: Option<u32>,
+    /// Frames waiting for one connection before it is closed as slow (1013) [default: 256].
+    #[arg(long, env = "BIMIP_OUTBOX_FRAMES")]
+    outbox_frames: Option<usize>,
+    /// Bytes waiting for one connection before it is closed as slow (1013) [default: 1048576].
+    #[arg(long, env = "BIMIP_OUTBOX_BYTES")]
+    outbox_bytes: Option<usize>,
+    /// A socket write stuck this long closes the connection, in ms [default: 10000].
+    #[arg(long, env = "BIMIP_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
+    /// HTTP requests taking longer are answered 503, in ms [default: 30000].
+    #[arg(long, env = "BIMIP_HTTP_TIMEOUT_MS")]
+    http_timeout_ms: Option<u64>,
+    /// Largest HTTP request body in bytes [default: 262144].
+    #[arg(long, env = "BIMIP_MAX_HTTP_BODY_BYTES")]
+    max_http_body_bytes: Option<usize>,
+    /// Clock skew tolerated on token expiry, in seconds [default: 30].
+    #[arg(long, env = "BIMIP_JWT_LEEWAY_SECS")]
+    jwt_leeway_secs: Option<u64>,
     /// Log format.
     #[arg(long, env = "BIMIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -111,7 +150,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to find the port (also with --listen 127.0.0.1:0).
-    println!("bimip listening on http://{addr} (WebSocket: ws://{addr}/ws)");
+    if config.tls.cert.is_some() {
+        println!("bimip listening on https://{addr} (WebSocket: wss://{addr}/ws)");
+    } else {
+        println!("bimip listening on http://{addr} (WebSocket: ws://{addr}/ws)");
+    }
     if args.dev {
         print_dev_help(&config, addr)?;
     }
@@ -139,6 +182,22 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.max_payload_bytes, &a.max_payload_bytes);
     set(&mut c.presence.policy, &a.presence_policy);
     set(&mut c.presence.grace_ms, &a.presence_grace_ms);
+    set_opt(&mut c.tls.cert, &a.tls_cert);
+    set_opt(&mut c.tls.key, &a.tls_key);
+    set(&mut c.limits.frames_per_second, &a.max_frames_per_second);
+    set(&mut c.limits.frames_burst, &a.frames_burst);
+    set(&mut c.limits.flood_refusals, &a.flood_refusals);
+    set(
+        &mut c.limits.max_connections_per_user,
+        &a.max_connections_per_user,
+    );
+    set(&mut c.limits.max_connections, &a.max_connections);
+    set(&mut c.outbox_frames, &a.outbox_frames);
+    set(&mut c.limits.outbox_bytes, &a.outbox_bytes);
+    set(&mut c.limits.write_timeout_ms, &a.write_timeout_ms);
+    set(&mut c.limits.http_timeout_ms, &a.http_timeout_ms);
+    set(&mut c.max_http_body_bytes, &a.max_http_body_bytes);
+    set(&mut c.jwt.leeway_secs, &a.jwt_leeway_secs);
     // A key source given on the command line replaces the file's, it does not add to it.
     if a.jwt_secret.is_some() || a.jwt_public_key.is_some() || a.jwt_jwks.is_some() {
         c.jwt.secret = a.jwt_secret.clone();

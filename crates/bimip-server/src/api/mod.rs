@@ -2,6 +2,7 @@
 //! Prometheus metrics, the OpenAPI document, and the backend API (API-key protected).
 //! Every error is JSON: `{"error":{"code":"...","message":"..."}}`.
 
+mod admin;
 mod presence;
 
 use crate::{
@@ -13,8 +14,9 @@ use crate::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, Request, State},
     http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
@@ -124,6 +126,8 @@ pub fn router(state: Shared) -> Router {
             "/v1/users/{user}/blocks/{other}",
             put(presence::put_block).delete(presence::delete_block),
         )
+        .route("/v1/users/{user}/revoke", post(admin::revoke))
+        .route("/v1/users/{user}/devices/{device}/kick", post(admin::kick))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -133,7 +137,68 @@ pub fn router(state: Shared) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Answers 503 (JSON) when a request, body included, takes longer than
+/// `limits.http_timeout_ms`.
+async fn request_timeout(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let limit = std::time::Duration::from_millis(state.config.limits.http_timeout_ms);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            state.metrics.http_timeouts.inc();
+            ApiError::unavailable(format!(
+                "request timed out after {} ms",
+                state.config.limits.http_timeout_ms
+            ))
+            .into_response()
+        }
+    }
+}
+
+/// Turns the plain-text errors of extractors (body too large, malformed path, ...) into the
+/// JSON error body every other error has.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 #[derive(OpenApi)]
@@ -156,7 +221,9 @@ pub fn router(state: Shared) -> Router {
         presence::put_contact,
         presence::delete_contact,
         presence::put_block,
-        presence::delete_block
+        presence::delete_block,
+        admin::revoke,
+        admin::kick
     ),
     components(schemas(
         ErrorBody,
@@ -170,7 +237,9 @@ pub fn router(state: Shared) -> Router {
         presence::ContactItem,
         presence::ContactImport,
         presence::ContactBody,
-        presence::ChangedReply
+        presence::ChangedReply,
+        admin::RevokeReply,
+        admin::KickReply
     )),
     modifiers(&ApiKeyScheme)
 )]
