@@ -1,6 +1,7 @@
 //! `bimip`: the server and its tools in one binary.
 
 mod bench;
+mod check;
 mod client;
 mod inspect;
 mod serve;
@@ -29,6 +30,8 @@ enum Command {
     Client(client::ClientArgs),
     /// Print a user's queue and device cursors from the data dir, decoded.
     Inspect(inspect::InspectArgs),
+    /// Verify a data dir (every user's files); `--repair` fixes what start-up recovery would.
+    Check(check::CheckArgs),
     /// Load generator: chat, offline, idle, presence and mixed scenarios against a server.
     Bench(bench::BenchArgs),
 }
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Token(args) => token::run(args),
         Command::Client(args) => runtime.block_on(client::run(args)),
         Command::Inspect(args) => inspect::run(args),
+        Command::Check(args) => check::run(args),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }

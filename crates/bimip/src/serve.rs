@@ -107,6 +107,13 @@ pub struct ServeArgs {
     /// Repair mid-file store corruption at start-up (originals are kept aside).
     #[arg(long)]
     repair: bool,
+    /// Drop acknowledged items older than this (e.g. 7d, 12h, 30m, 3600s; 0 = keep forever)
+    /// [default: 7d].
+    #[arg(long, env = "BIMIP_RETENTION", value_parser = parse_duration_secs)]
+    retention: Option<u64>,
+    /// Most items kept per user queue, the oldest dropped first (0 = no limit) [default: 100000].
+    #[arg(long, env = "BIMIP_MAX_QUEUE_ITEMS")]
+    max_queue_items: Option<usize>,
     /// Print the effective settings as TOML (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
@@ -198,6 +205,8 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.limits.http_timeout_ms, &a.http_timeout_ms);
     set(&mut c.max_http_body_bytes, &a.max_http_body_bytes);
     set(&mut c.jwt.leeway_secs, &a.jwt_leeway_secs);
+    set(&mut c.store.retention_secs, &a.retention);
+    set(&mut c.store.max_queue_items, &a.max_queue_items);
     // A key source given on the command line replaces the file's, it does not add to it.
     if a.jwt_secret.is_some() || a.jwt_public_key.is_some() || a.jwt_jwks.is_some() {
         c.jwt.secret = a.jwt_secret.clone();
@@ -208,6 +217,27 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set_opt(&mut c.jwt.audience, &a.jwt_audience);
     set_opt(&mut c.api_key, &a.api_key);
     c.repair |= a.repair;
+}
+
+/// A duration in whole seconds from `<n>[s|m|h|d]` (no unit = seconds).
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with an optional unit s, m, h or d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// Loads or creates the dev secret and API key in `<data_dir>/dev.toml`, so tokens minted for a
