@@ -482,3 +482,28 @@ async fn check_reports_and_repairs() {
     assert_eq!(offsets(&read_all(&s, "bob", "alice").await), vec![1, 2, 3]);
     assert_eq!(offsets(&read_all(&s, "carol", "alice").await), vec![2, 3]);
 }
+
+#[tokio::test]
+async fn users_due_at_start_are_compacted_in_the_background() {
+    let dir = TempDir::new().unwrap();
+    let s = FileStore::open(config(dir.path(), FOREVER, 0)).unwrap().0;
+    for i in 1..=4 {
+        append(&s, "bob", chat("alice", "bob", &format!("m{i}"))).await;
+    }
+    s.acknowledge("bob", ack("phone", "alice", 3))
+        .await
+        .unwrap();
+    s.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Nothing touches bob after the start: recovery hands him to his shard.
+    let (s, report) = FileStore::open(config(dir.path(), Duration::from_millis(5), 0)).unwrap();
+    assert_eq!(report.compaction_due, vec!["bob".to_string()]);
+    let qp = queue_path(dir.path(), "bob");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while queue_records(dir.path(), "bob").len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "not compacted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(qp.exists());
+    assert_eq!(offsets(&read_all(&s, "bob", "alice").await), vec![4]);
+}

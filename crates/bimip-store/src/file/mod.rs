@@ -101,6 +101,8 @@ pub struct RecoveryReport {
     pub truncated: Vec<(PathBuf, u64, String)>,
     /// Files repaired by `repair` (bad lines dropped, original kept aside).
     pub repaired: Vec<(PathBuf, u64, String)>,
+    /// Users whose files look like compaction has work; their shards look at them first.
+    pub compaction_due: Vec<String>,
 }
 
 /// The embedded file store: `shards` writer threads, each owning a slice of the users.
@@ -171,10 +173,18 @@ impl FileStore {
     /// Recovers every user's files (see [`RecoveryReport`]) and starts the shard threads.
     pub fn open(cfg: StoreConfig) -> Result<(FileStore, RecoveryReport), StoreError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
-        let report = recovery::recover(&cfg.data_dir, cfg.repair)?;
+        let limits = queue::Limits {
+            retention_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
+            max_items: cfg.max_queue_items,
+        };
+        let report = recovery::recover(&cfg.data_dir, cfg.repair, limits)?;
         let n = cfg.shards.max(1);
+        let mut due: Vec<Vec<String>> = vec![Vec::new(); n];
+        for user in &report.compaction_due {
+            due[shard_of(user, n)].push(user.clone());
+        }
         let mut shards = Vec::with_capacity(n);
-        for i in 0..n {
+        for (i, due) in due.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
             let shard = Shard::new(ShardConfig {
                 data_dir: cfg.data_dir.clone(),
@@ -182,10 +192,8 @@ impl FileStore {
                 cache_users: (cfg.cache_users / n).max(1),
                 open_files: (cfg.max_open_files / n).max(1),
                 observer: cfg.observer.clone(),
-                limits: queue::Limits {
-                    retention_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
-                    max_items: cfg.max_queue_items,
-                },
+                limits,
+                due,
             });
             std::thread::Builder::new()
                 .name(format!("bimip-store-{i}"))
@@ -215,6 +223,7 @@ impl FileStore {
             records = report.records,
             truncated = report.truncated.len(),
             repaired = report.repaired.len(),
+            compaction_due = report.compaction_due.len(),
             "file store recovered"
         );
         Ok((

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bimip_proto::store::{IndexRecord, QueueRecord, QueueRecordKind};
 
-use super::queue::UserQueue;
+use super::queue::{Limits, UserQueue};
 use super::record::decode_all;
 use super::{RecoveryReport, UserFiles, index_path, queue_path, user_dir};
 use crate::StoreError;
@@ -158,6 +158,9 @@ struct UserReport {
     records: u64,
     truncated: Vec<(PathBuf, u64, String)>,
     repaired: Vec<(PathBuf, u64, String)>,
+    user: String,
+    /// The files look like compaction has work (checked precisely once the user is loaded).
+    compaction_due: bool,
 }
 
 /// Checks (and fixes) one file; returns its good records.
@@ -215,13 +218,63 @@ pub(super) fn remove_leftover_temps(data_dir: &Path, user: &str) -> Result<(), S
     Ok(())
 }
 
-fn recover_user(data_dir: &Path, user: &str, repair: bool) -> Result<UserReport, StoreError> {
+/// A cheap guess from the records whether compaction has work for a user (the shard decides
+/// precisely once the user is loaded): over the queue limit, many more lines than items or
+/// cursors, or items older than the retention while acknowledgements or own copies exist.
+fn compaction_candidate(
+    user: &str,
+    queue: &[QueueRecord],
+    index: &[IndexRecord],
+    limits: Limits,
+    now: i64,
+) -> bool {
+    let items = queue
+        .iter()
+        .filter(|r| r.kind == QueueRecordKind::Item as i32)
+        .count();
+    if limits.max_items > 0 && items > limits.max_items + limits.max_items / 8 {
+        return true;
+    }
+    if queue.len() as u64 > 3 * items as u64 + 1024 {
+        return true;
+    }
+    if index.len() > 1024 {
+        let keys: std::collections::HashSet<_> = index
+            .iter()
+            .map(|r| (&r.device, r.partition, &r.from, r.kind))
+            .collect();
+        if index.len() > 4 * keys.len() + 1024 {
+            return true;
+        }
+    }
+    if limits.retention_ms > 0 {
+        let cutoff = now - limits.retention_ms;
+        let acks = queue
+            .iter()
+            .any(|r| r.kind == QueueRecordKind::Ack as i32 || r.acknowledged);
+        return queue.iter().any(|r| {
+            r.kind == QueueRecordKind::Item as i32
+                && r.timestamp < cutoff
+                && (acks || r.from == user)
+        });
+    }
+    false
+}
+
+fn recover_user(
+    data_dir: &Path,
+    user: &str,
+    repair: bool,
+    limits: Limits,
+) -> Result<UserReport, StoreError> {
     let mut report = UserReport::default();
     remove_leftover_temps(data_dir, user)?;
     let q = queue_path(data_dir, user);
-    recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
+    let queue = recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
     let i = index_path(data_dir, user);
-    recover_file::<IndexRecord>(&i, repair, |_| Ok(()), &mut report)?;
+    let index = recover_file::<IndexRecord>(&i, repair, |_| Ok(()), &mut report)?;
+    report.compaction_due =
+        compaction_candidate(user, &queue, &index, limits, bimip_proto::now_ms());
     match super::profile::recover(data_dir, user, repair)? {
         super::profile::Recovered::Ok { records } => report.records += records,
         super::profile::Recovered::MovedAside(line, reason) => report.repaired.push((
@@ -292,7 +345,11 @@ fn list_users(
 }
 
 /// Checks every user's files in parallel over a few threads.
-pub(crate) fn recover(data_dir: &Path, repair: bool) -> Result<RecoveryReport, StoreError> {
+pub(crate) fn recover(
+    data_dir: &Path,
+    repair: bool,
+    limits: Limits,
+) -> Result<RecoveryReport, StoreError> {
     let mut report = RecoveryReport::default();
     let users = list_users(data_dir, repair, &mut report)?;
     report.users = users.len();
@@ -309,7 +366,10 @@ pub(crate) fn recover(data_dir: &Path, repair: bool) -> Result<RecoveryReport, S
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(user) = users.get(i) else { break };
-                    let r = recover_user(data_dir, user, repair);
+                    let r = recover_user(data_dir, user, repair, limits).map(|mut r| {
+                        r.user = user.clone();
+                        r
+                    });
                     let failed = r.is_err();
                     local.push(r);
                     if failed {
@@ -332,6 +392,9 @@ pub(crate) fn recover(data_dir: &Path, repair: bool) -> Result<RecoveryReport, S
                 report.records += u.records;
                 report.truncated.extend(u.truncated);
                 report.repaired.extend(u.repaired);
+                if u.compaction_due {
+                    report.compaction_due.push(u.user);
+                }
             }
             Err(e) => {
                 first_err.get_or_insert(e);

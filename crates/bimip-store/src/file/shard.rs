@@ -128,6 +128,8 @@ pub(crate) struct ShardConfig {
     pub open_files: usize,
     pub observer: Option<Arc<dyn StoreObserver>>,
     pub limits: Limits,
+    /// Users recovery found likely due for compaction (loaded and looked at one at a time).
+    pub due: Vec<String>,
 }
 
 /// How often every cached user is looked at for retention (writes trigger a look at once).
@@ -199,7 +201,11 @@ impl Shard {
             unsynced_dirs: HashSet::new(),
             profiles: LruCache::unbounded(),
             lazy: HashSet::new(),
-            maint: Maintenance::default(),
+            maint: Maintenance {
+                due_set: cfg.due.iter().cloned().collect(),
+                due: cfg.due.iter().cloned().collect(),
+                ..Maintenance::default()
+            },
             cfg,
         }
     }
@@ -591,13 +597,20 @@ impl Shard {
         }
         while let Some(user) = self.maint.due.pop_front() {
             self.maint.due_set.remove(&user);
-            if self
-                .users
-                .peek(&user)
-                .is_some_and(|q| q.needs_compaction(now, &limits))
-            {
+            let cached = self.users.contains(&user);
+            // A user found by recovery is loaded first (at most one load per round).
+            let due = match user_state(&mut self.users, &self.cfg.data_dir, &user) {
+                Ok(q) => q.needs_compaction(now, &limits),
+                Err(e) => {
+                    tracing::error!(user, error = %e, "could not load a user for compaction");
+                    false
+                }
+            };
+            if due {
                 // Failures are logged and retried later.
                 let _ = self.compact_user(&user, now);
+            }
+            if due || !cached {
                 break;
             }
         }
