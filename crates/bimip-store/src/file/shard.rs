@@ -114,6 +114,10 @@ struct Dirty {
     appends: usize,
 }
 
+/// Users written in one batch from which the batch is made durable with one `syncfs` instead of
+/// one fsync per file.
+const SYNCFS_MIN_USERS: usize = 3;
+
 /// Most commands applied per group commit, so one batch's latency stays bounded.
 const MAX_BATCH: usize = 1024;
 
@@ -441,6 +445,7 @@ impl Shard {
         user: &str,
         lines: &Lines,
         fsync_time: &mut Duration,
+        sync: bool,
     ) -> Result<bool, StoreError> {
         let mut open: Vec<(PathBuf, File, u64)> = Vec::with_capacity(2);
         let targets = [
@@ -473,7 +478,10 @@ impl Shard {
                 break;
             }
         }
-        if result.is_ok() && self.cfg.mode != FsyncMode::Never {
+        if result.is_ok() && self.cfg.mode != FsyncMode::Never && !sync {
+            // The caller syncs the whole batch at once (see `commit`).
+            result = Ok(false);
+        } else if result.is_ok() && self.cfg.mode != FsyncMode::Never {
             for (path, f, _) in &open {
                 let t = Instant::now();
                 let r = f.sync_data();
@@ -518,12 +526,19 @@ impl Shard {
         let mut fsync_time = Duration::ZERO;
         let mut appends = 0usize;
         let mut synced_any = false;
+        // Group commit over many files: one fsync per file costs one journal commit each, so a
+        // batch touching many users writes them all first and then syncs the filesystem once
+        // (syncfs waits for every dirty page and the journal). Few files: fsync each.
+        let written = dirty.values().filter(|d| !d.lines.is_empty()).count();
+        let one_sync = self.cfg.mode == FsyncMode::Batch && written >= SYNCFS_MIN_USERS;
+        let mut waiting: Vec<(String, Vec<Deferred>, usize)> = Vec::new();
         for (user, d) in dirty {
             if d.lines.is_empty() {
                 d.replies.into_iter().for_each(Deferred::send_ok);
                 continue;
             }
-            match self.write_user(&user, &d.lines, &mut fsync_time) {
+            match self.write_user(&user, &d.lines, &mut fsync_time, !one_sync) {
+                Ok(_) if one_sync => waiting.push((user, d.replies, d.appends)),
                 Ok(synced) => {
                     synced_any |= synced;
                     appends += d.appends;
@@ -544,6 +559,35 @@ impl Shard {
                             path: path.clone(),
                             source: std::io::Error::new(kind, msg.clone()),
                         });
+                    }
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            let t = Instant::now();
+            let r = File::open(&self.cfg.data_dir)
+                .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from));
+            fsync_time += t.elapsed();
+            match r {
+                Ok(()) => {
+                    synced_any = true;
+                    for (_, replies, n) in waiting {
+                        appends += n;
+                        replies.into_iter().for_each(Deferred::send_ok);
+                    }
+                }
+                Err(e) => {
+                    // The lines are in the files but not known durable: answer an error (a
+                    // client's resend is then recognised as a duplicate) and reload the users.
+                    tracing::error!(error = %e, "store syncfs failed; the batch is answered with an error");
+                    for (user, replies, _) in waiting {
+                        self.users.pop(&user);
+                        for r in replies {
+                            r.send_err(io_err(
+                                &self.cfg.data_dir,
+                                std::io::Error::new(e.kind(), e.to_string()),
+                            ));
+                        }
                     }
                 }
             }
