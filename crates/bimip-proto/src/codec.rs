@@ -187,4 +187,43 @@ mod tests {
             let _ = Codec::Json.decode_text(&text);
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn deeply_nested_json_is_refused_without_overflow(depth in 1usize..20_000, obj in any::<bool>()) {
+            let (open, close) = if obj { (r#"{"message":"#, "}") } else { ("[", "]") };
+            let text = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let _ = Codec::Json.decode_text(&text);
+            let _ = salvage_json_ref(&text);
+        }
+
+        #[test]
+        fn deeply_nested_protobuf_is_refused_without_overflow(depth in 1usize..5_000) {
+            // Field 7 (batch) → field 3 (message) → ... as nested length-delimited fields.
+            let mut data: Vec<u8> = vec![];
+            for i in 0..depth {
+                let tag = if i % 2 == 0 { 0x1a } else { 0x3a };
+                let mut outer = vec![tag];
+                prost::encoding::encode_varint(data.len() as u64, &mut outer);
+                outer.extend_from_slice(&data);
+                data = outer;
+            }
+            let _ = Codec::Binary.decode_binary(&data);
+        }
+
+        #[test]
+        fn huge_repeated_fields_decode_or_fail_cleanly(n in 0usize..20_000, field in 1u8..16) {
+            // A Batch (field 7) whose body repeats one length-delimited field n times.
+            let mut body = Vec::with_capacity(n * 3);
+            for _ in 0..n {
+                body.extend_from_slice(&[(field << 3) | 2, 1, b'x']);
+            }
+            let mut data = vec![0x3a];
+            prost::encoding::encode_varint(body.len() as u64, &mut data);
+            data.extend_from_slice(&body);
+            let _ = Codec::Binary.decode_binary(&data);
+        }
+    }
 }

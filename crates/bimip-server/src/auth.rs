@@ -154,7 +154,15 @@ impl Verifier {
         }
         let mut v = Validation::new(key.alg);
         v.algorithms = vec![key.alg];
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not only match when present.
+        let mut required = vec!["exp", "sub"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         v.leeway = self.leeway;
         match &self.issuer {
             Some(iss) => v.set_issuer(&[iss]),
@@ -306,11 +314,103 @@ mod tests {
         assert!(v.verify(&hs(ok)).is_ok());
         let bad_iss = json!({"sub": "a", "exp": exp(), "iss": "x", "aud": "chat"});
         assert!(matches!(v.verify(&hs(bad_iss)), Err(AuthError::BadIssuer)));
+        let no_iss = json!({"sub": "a", "exp": exp(), "aud": "chat"});
+        assert!(
+            v.verify(&hs(no_iss)).is_err(),
+            "a configured issuer is required"
+        );
+        let no_aud = json!({"sub": "a", "exp": exp(), "iss": "https://auth.example"});
+        assert!(
+            v.verify(&hs(no_aud)).is_err(),
+            "a configured audience is required"
+        );
         let bad_aud = json!({"sub": "a", "exp": exp(), "iss": "https://auth.example", "aud": "x"});
         assert!(matches!(
             v.verify(&hs(bad_aud)),
             Err(AuthError::BadAudience)
         ));
+    }
+
+    mod fuzz {
+        use super::*;
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("alg".to_string()),
+                            Just("sub".to_string()),
+                            Just("exp".to_string()),
+                            Just("iat".to_string()),
+                            Just("kid".to_string()),
+                            Just("device".to_string()),
+                            "[a-z]{1,6}"
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn random_strings_are_refused(s in ".{0,300}") {
+                prop_assert!(verifier().verify(&s).is_err());
+            }
+
+            #[test]
+            fn random_base64_segments_are_refused(
+                parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 0..5)
+            ) {
+                let t = parts.iter().map(|p| B64.encode(p)).collect::<Vec<_>>().join(".");
+                prop_assert!(verifier().verify(&t).is_err());
+            }
+
+            #[test]
+            fn random_header_and_payload_json_is_refused(
+                header in json_value(), payload in json_value(), sig in proptest::collection::vec(any::<u8>(), 0..64)
+            ) {
+                let t = format!(
+                    "{}.{}.{}",
+                    B64.encode(header.to_string()),
+                    B64.encode(payload.to_string()),
+                    B64.encode(sig)
+                );
+                // Without the secret's signature nothing is accepted, whatever the JSON says.
+                prop_assert!(verifier().verify(&t).is_err());
+            }
+
+            #[test]
+            fn signed_random_claims_never_panic_and_only_valid_ones_pass(payload in json_value()) {
+                let t = encode(
+                    &Header::new(Algorithm::HS256),
+                    &payload,
+                    &EncodingKey::from_secret(SECRET.as_bytes()),
+                );
+                if let Ok(t) = t
+                    && let Ok(id) = verifier().verify(&t)
+                {
+                    prop_assert!(bimip_proto::validate_user_id(&id.user).is_ok());
+                    prop_assert!(id.exp + 30 >= bimip_proto::now_ms() / 1000);
+                }
+            }
+        }
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub struct LimitSettings {
     pub http_timeout_ms: u64,
     /// Upper bound of a graceful shutdown before the store is flushed anyway.
     pub shutdown_timeout_ms: u64,
+    /// SO_SNDBUF of accepted sockets in bytes; 0 keeps the kernel's autotuning, under which a
+    /// peer that stopped reading may pin up to `net.ipv4.tcp_wmem` max (often 4 MiB) of kernel
+    /// memory before its writes block and the outbox limits apply. Not applied with TLS.
+    pub socket_send_buffer: usize,
 }
 
 impl Default for LimitSettings {
@@ -112,6 +116,7 @@ impl Default for LimitSettings {
             write_timeout_ms: 10_000,
             http_timeout_ms: 30_000,
             shutdown_timeout_ms: 10_000,
+            socket_send_buffer: 0,
         }
     }
 }

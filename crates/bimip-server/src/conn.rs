@@ -73,6 +73,8 @@ struct Conn {
     /// When the token expires (None: too far away to matter).
     expires: Option<Instant>,
     signal: Arc<ConnSignal>,
+    /// Set when a write was abandoned because the connection was told to close meanwhile.
+    closing: Option<Disconnect>,
 }
 
 /// A token bucket: `rate` per second with a burst of `burst`.
@@ -136,8 +138,12 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
         write_timeout: Duration::from_millis(limits.write_timeout_ms),
         expires,
         signal: signal.clone(),
+        closing: None,
     };
-    let end = conn.start(tx, rx, signal).await;
+    let mut end = conn.start(tx, rx, signal).await;
+    if let (End::Gone, Some(why)) = (&end, conn.closing) {
+        end = End::Close(why.code(), why.reason());
+    }
     if let End::Close(code, reason) = end {
         // A peer that stopped reading cannot take the close frame either: do not wait long.
         let close = conn.socket.send(Message::Close(Some(CloseFrame {
@@ -642,8 +648,8 @@ impl Conn {
 
     async fn write(&mut self, frame: &Frame) -> Result<(), axum::Error> {
         let m = self.message(frame);
-        let t = self.write_timeout;
-        let r = tokio::time::timeout(t, self.socket.feed(m)).await;
+        let (t, sig) = (self.write_timeout, self.signal.clone());
+        let r = guarded(&sig, t, self.socket.feed(m)).await;
         self.timed(r)
     }
 
@@ -653,29 +659,40 @@ impl Conn {
     }
 
     async fn send_raw(&mut self, m: Message) -> Result<(), axum::Error> {
-        let t = self.write_timeout;
-        let r = tokio::time::timeout(t, self.socket.send(m)).await;
+        let (t, sig) = (self.write_timeout, self.signal.clone());
+        let r = guarded(&sig, t, self.socket.send(m)).await;
         self.timed(r)
     }
 
     async fn flush(&mut self) -> Result<(), axum::Error> {
-        let t = self.write_timeout;
-        let r = tokio::time::timeout(t, self.socket.flush()).await;
+        let (t, sig) = (self.write_timeout, self.signal.clone());
+        let r = guarded(&sig, t, self.socket.flush()).await;
         self.timed(r)
     }
 
     async fn feed(&mut self, out: &Outbound) -> Result<(), axum::Error> {
         let m = to_ws(out.encoded(self.id.codec).clone());
-        let t = self.write_timeout;
-        let r = tokio::time::timeout(t, self.socket.feed(m)).await;
+        let (t, sig) = (self.write_timeout, self.signal.clone());
+        let r = guarded(&sig, t, self.socket.feed(m)).await;
         self.timed(r)
     }
 
-    /// A socket write that made no progress for `write_timeout`: the peer stopped reading.
-    fn timed(
-        &self,
-        r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<(), axum::Error> {
+    /// The outcome of a guarded write: a write that made no progress for `write_timeout` (the
+    /// peer stopped reading) or was overtaken by a close request ends the connection.
+    fn timed(&mut self, r: Guarded) -> Result<(), axum::Error> {
+        let r = match r {
+            Ok(r) => r,
+            Err(why) => {
+                if why == Disconnect::Slow {
+                    self.state.metrics.slow_consumers.inc();
+                }
+                self.state.metrics.disconnect(why.label());
+                self.closing = Some(why);
+                return Err(axum::Error::new(std::io::Error::other(
+                    "connection told to close during a write",
+                )));
+            }
+        };
         r.unwrap_or_else(|_| {
             tracing::debug!(user = %self.id.user, device = %self.id.device, "socket write timed out");
             self.state.metrics.disconnect("write_timeout");
@@ -684,6 +701,21 @@ impl Conn {
                 "socket write timed out",
             )))
         })
+    }
+}
+
+type Guarded = Result<Result<Result<(), axum::Error>, tokio::time::error::Elapsed>, Disconnect>;
+
+/// Runs a socket write for at most `limit`, giving up at once when the connection is told to
+/// close (a slow consumer blocked in a write must not wait for the timeout).
+async fn guarded(
+    signal: &ConnSignal,
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+) -> Guarded {
+    tokio::select! {
+        r = tokio::time::timeout(limit, write) => Ok(r),
+        why = signal.closed() => Err(why),
     }
 }
 

@@ -99,6 +99,15 @@ pub async fn run(
     let limit = Duration::from_millis(state.config.limits.shutdown_timeout_ms);
     match tls {
         None => {
+            use axum::serve::ListenerExt;
+            let sndbuf = state.config.limits.socket_send_buffer;
+            let listener = listener.tap_io(move |tcp| {
+                if sndbuf > 0
+                    && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(sndbuf)
+                {
+                    tracing::debug!(error = %e, "setting SO_SNDBUF");
+                }
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
             tokio::select! {
                 r = serve => r?,

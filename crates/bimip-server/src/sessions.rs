@@ -138,16 +138,18 @@ impl ConnSignal {
             .compare_exchange(0, why.index(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.notify.notify_one();
+            self.notify.notify_waiters();
         }
     }
-    /// Resolves when `close` was called; returns why.
+    /// Resolves when `close` was called; returns why. Any number of waiters may wait.
     pub async fn closed(&self) -> Disconnect {
         loop {
+            // Created before the check: a `notify_waiters` after it is not missed.
+            let notified = self.notify.notified();
             if let Some(d) = Disconnect::from_index(self.reason.load(Ordering::Acquire)) {
                 return d;
             }
-            self.notify.notified().await;
+            notified.await;
         }
     }
     /// Reserves room for `size` bytes; false when the byte limit would be passed. A frame

@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// Clock skew tolerated on token expiry, in seconds [default: 30].
     #[arg(long, env = "BIMIP_JWT_LEEWAY_SECS")]
     jwt_leeway_secs: Option<u64>,
+    /// SO_SNDBUF of accepted sockets in bytes (0 = kernel autotuning) [default: 0].
+    #[arg(long, env = "BIMIP_SOCKET_SEND_BUFFER")]
+    socket_send_buffer: Option<usize>,
     /// Log format.
     #[arg(long, env = "BIMIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -205,6 +208,7 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.limits.http_timeout_ms, &a.http_timeout_ms);
     set(&mut c.max_http_body_bytes, &a.max_http_body_bytes);
     set(&mut c.jwt.leeway_secs, &a.jwt_leeway_secs);
+    set(&mut c.limits.socket_send_buffer, &a.socket_send_buffer);
     set(&mut c.store.retention_secs, &a.retention);
     set(&mut c.store.max_queue_items, &a.max_queue_items);
     // A key source given on the command line replaces the file's, it does not add to it.
