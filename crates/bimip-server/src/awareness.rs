@@ -173,7 +173,9 @@ pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
     tokio::spawn(async move {
         record_last_seen(&state, &user, last_seen).await;
         tokio::time::sleep(grace).await;
-        let Some(last_seen) = state.sessions.announce_offline(&user) else {
+        // A little less than the grace: the timer never fires early, and the clocks differ.
+        let min_gone = grace.as_millis() as i64 - 5;
+        let Some(last_seen) = state.sessions.announce_offline(&user, min_gone) else {
             return;
         };
         let profile = match state.store.profile(&user).await {

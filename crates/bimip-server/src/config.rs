@@ -107,8 +107,10 @@ pub struct LimitSettings {
 impl Default for LimitSettings {
     fn default() -> Self {
         LimitSettings {
-            frames_per_second: 200,
-            frames_burst: 400,
+            // High enough for a backend-like client streaming messages over one connection;
+            // a flood far past it still gets RATE_LIMITED and then 1008.
+            frames_per_second: 10_000,
+            frames_burst: 20_000,
             flood_refusals: 1000,
             max_connections_per_user: 16,
             max_connections: 100_000,

@@ -6,7 +6,7 @@ use bimip_proto::{
     Body,
     v1::{self, ErrorCode, Partition, ReceiptKind},
 };
-use bimip_store::{AckRequest, NewItem, ProfileStore, QueueStore, StoreError};
+use bimip_store::{AckRequest, NewItem, QueueStore, StoreError};
 use bytes::Bytes;
 use prost::Message as _;
 use std::{future::Future, sync::Arc};
@@ -102,12 +102,7 @@ pub async fn start_send(
     req: SendRequest,
 ) -> Result<impl Future<Output = Result<v1::Ack, Refused>> + Send + 'static, Refused> {
     if *req.from != *SYSTEM_SENDER
-        && state
-            .store
-            .profile(&req.to)
-            .await?
-            .blocks
-            .contains(&*req.from)
+        && crate::blocks::BlockCache::blocks(state, &req.to, &req.from).await?
     {
         return Err(Refused::new(
             ErrorCode::Forbidden,
@@ -160,7 +155,11 @@ pub async fn start_send(
         // its other devices) follows, and the Ack waits for both.
         let mut delivered = state
             .sessions
-            .deliver(&req.to, &message(stored.offset), req.conn.filter(|_| to_self))
+            .deliver(
+                &req.to,
+                &message(stored.offset),
+                req.conn.filter(|_| to_self),
+            )
             .devices;
         // Only chat is mirrored: a notification a user sends is not one it should see pending.
         if req.sender_copy && !to_self && req.partition == Partition::Chat {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod awareness;
+pub mod blocks;
 pub mod config;
 pub mod conn;
 pub mod delivery;

@@ -15,6 +15,7 @@ pub struct AppState {
     pub store: Store,
     pub sessions: Sessions,
     pub presence: Presence,
+    pub blocks: crate::blocks::BlockCache,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
     /// Connections per user and in total (checked before the upgrade).
@@ -46,6 +47,7 @@ impl AppState {
             store,
             sessions: Sessions::new(),
             presence: Presence::default(),
+            blocks: Default::default(),
             metrics,
             verifier,
             accepting: AtomicBool::new(true),

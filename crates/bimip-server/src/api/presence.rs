@@ -341,6 +341,9 @@ async fn block(
         .set_block(&user, &other, blocked)
         .await
         .map_err(crate::delivery::Refused::from)?;
+    crate::blocks::BlockCache::refresh(state, &user)
+        .await
+        .map_err(crate::delivery::Refused::from)?;
     Ok(Json(ChangedReply {
         changed: usize::from(changed),
     }))
