@@ -713,6 +713,11 @@ async fn guarded(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
 ) -> Guarded {
+    let mut write = std::pin::pin!(write);
+    // Most writes complete at once (buffer or socket has room): no timer, no close-signal waiter.
+    if let Some(r) = futures_util::FutureExt::now_or_never(write.as_mut()) {
+        return Ok(Ok(r));
+    }
     tokio::select! {
         r = tokio::time::timeout(limit, write) => Ok(r),
         why = signal.closed() => Err(why),
