@@ -76,7 +76,18 @@ fn is_ack(r: &QueueRecord) -> bool {
     r.kind == QueueRecordKind::Ack as i32
 }
 
+fn is_mark(r: &QueueRecord) -> bool {
+    r.kind == QueueRecordKind::Mark as i32
+}
+
 fn queue_line(line: u64, r: &QueueRecord) -> String {
+    if is_mark(r) {
+        return format!(
+            "{line:>6} MARK last_offset={} (written by compaction) at={}",
+            r.offset,
+            format_ts_ms(r.timestamp)
+        );
+    }
     if is_ack(r) {
         let from = if r.from.is_empty() { "*" } else { &r.from };
         return format!(
@@ -129,7 +140,7 @@ struct Counts {
 fn counts(queue: &[(u64, QueueRecord)]) -> BTreeMap<i32, Counts> {
     let acks: Vec<&QueueRecord> = queue.iter().map(|(_, r)| r).filter(|r| is_ack(r)).collect();
     let mut out: BTreeMap<i32, Counts> = BTreeMap::new();
-    for (_, r) in queue.iter().filter(|(_, r)| !is_ack(r)) {
+    for (_, r) in queue.iter().filter(|(_, r)| !is_ack(r) && !is_mark(r)) {
         let c = out.entry(r.partition).or_default();
         c.items += 1;
         let covered = acks.iter().any(|a| {

@@ -61,10 +61,10 @@ pub struct ServeArgs {
     /// TLS private key (PEM, PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "BIMIP_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// Frames one connection may send per second; more get RATE_LIMITED [default: 200].
+    /// Frames one connection may send per second; more get RATE_LIMITED [default: 10000].
     #[arg(long, env = "BIMIP_MAX_FRAMES_PER_SECOND")]
     max_frames_per_second: Option<u32>,
-    /// Burst of frames allowed above the per-second rate [default: 400].
+    /// Burst of frames allowed above the per-second rate [default: 20000].
     #[arg(long, env = "BIMIP_FRAMES_BURST")]
     frames_burst: Option<u32>,
     /// Rate-limited frames within one second that close the connection (1008) [default: 1000].
