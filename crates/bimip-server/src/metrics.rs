@@ -37,6 +37,10 @@ pub struct Metrics {
     pub awareness_out: Family<StatusLabel, Counter>,
     pub subscriptions: Gauge,
     pub fanout_seconds: Histogram,
+    pub compactions: Counter,
+    pub compaction_dropped: Counter,
+    pub compaction_dropped_unacked: Counter,
+    pub compaction_seconds: Histogram,
     pub frames_rate_limited: Counter,
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub disconnects: Family<ReasonLabel, Counter>,
@@ -83,6 +87,11 @@ impl Metrics {
             subscriptions: Gauge::default(),
             // 10 µs .. ~160 ms
             fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 15)),
+            compactions: Counter::default(),
+            compaction_dropped: Counter::default(),
+            compaction_dropped_unacked: Counter::default(),
+            // 100 µs .. ~3 s
+            compaction_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             frames_rate_limited: Counter::default(),
             connections_refused: Family::default(),
             disconnects: Family::default(),
@@ -200,6 +209,26 @@ impl Metrics {
             "Users whose tokens were revoked through the API",
             m.revocations.clone(),
         );
+        registry.register(
+            "store_compactions",
+            "Queue files rewritten by retention or max_queue_items",
+            m.compactions.clone(),
+        );
+        registry.register(
+            "store_compaction_dropped_items",
+            "Items dropped by compaction",
+            m.compaction_dropped.clone(),
+        );
+        registry.register(
+            "store_dropped_unacknowledged",
+            "Unacknowledged items dropped because a queue exceeded max_queue_items",
+            m.compaction_dropped_unacked.clone(),
+        );
+        registry.register(
+            "store_compaction_seconds",
+            "Duration of one queue compaction",
+            m.compaction_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -251,5 +280,15 @@ impl bimip_store::StoreObserver for StoreMetrics {
     fn fsync(&self, took: Duration, appends: usize) {
         self.0.fsync_seconds.observe(took.as_secs_f64());
         self.0.fsync_batch_appends.observe(appends as f64);
+    }
+
+    fn compacted(&self, _user: &str, dropped: u64, _kept: u64, took: Duration) {
+        self.0.compactions.inc();
+        self.0.compaction_dropped.inc_by(dropped);
+        self.0.compaction_seconds.observe(took.as_secs_f64());
+    }
+
+    fn dropped_unacked(&self, _user: &str, n: u64) {
+        self.0.compaction_dropped_unacked.inc_by(n);
     }
 }

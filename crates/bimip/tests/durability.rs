@@ -243,3 +243,33 @@ async fn kill_9_during_a_stream_of_sends_loses_no_acknowledged_message() {
         stored.len()
     );
 }
+
+/// Compaction is visible in the metrics, and unacknowledged items it drops are counted.
+#[tokio::test]
+async fn compaction_and_dropped_unacknowledged_items_are_counted() {
+    let s = Server::start(&["--max-queue-items", "5"]);
+    let (mut alice, _) = s.online("alice", "phone").await;
+    for i in 0..30 {
+        send(&mut alice, "quinn", &format!("q{i}"), "x").await;
+    }
+    eventually("compaction metrics", Duration::from_secs(15), || async {
+        let text = http()
+            .get(s.http("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        value("bimip_store_compactions_total") >= 1.0
+            && value("bimip_store_dropped_unacknowledged_total") >= 1.0
+    })
+    .await;
+}
