@@ -186,10 +186,9 @@ impl Conn {
                 node: cfg.node.clone(),
             }),
         );
-        if self.write_now(&welcome).await.is_err() {
-            return End::Gone;
-        }
-        // Registered before reading what is pending, so nothing stored meanwhile is missed.
+        // Registered before Welcome goes out (a client that saw Welcome is online for everyone
+        // else) and before reading what is pending (nothing stored meanwhile is missed). Frames
+        // routed here meanwhile wait in the outbox until after the fan-out.
         let handle = ConnHandle {
             id: self.conn_id,
             device: self.id.device.clone(),
@@ -204,6 +203,9 @@ impl Conn {
         if !self.state.revocations.allows(&self.id.user, self.id.iat) {
             self.state.metrics.disconnect("revoked");
             return End::Close(1008, "revoked");
+        }
+        if self.write_now(&welcome).await.is_err() {
+            return End::Gone;
         }
         awareness::connected(&self.state, &self.id.user).await;
         match self
