@@ -150,7 +150,7 @@ fi
 
 TABLE=$OUT/compare-$STAMP.md
 {
-  echo "<!-- bench/compare.sh $STAMP; bimip: $RES; $NOTE -->"
+  echo "<!-- bench/compare.sh $STAMP; bimip: ${RES#$ROOT/}; $NOTE -->"
   python3 "$ROOT/bench/summarize.py" "$RES" "${PEER_FILES[@]}" --servers bimip,ejabberd,mosquitto
 } >"$TABLE"
 cat "$TABLE"
