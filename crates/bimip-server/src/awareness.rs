@@ -234,8 +234,16 @@ pub async fn set_state(
         Status::Online => update.intent = Some((Status::Unspecified, String::new())),
         _ => {}
     }
-    let after = state.store.set_presence(user, update).await?;
+    // Watchers are told at once, from the state the store is about to hold, while the store makes
+    // it durable (an fsynced file replacement); the setter's answer waits for the store. One
+    // connection's changes are applied one after the other, so the stored state is the last one
+    // broadcast.
     let now = bimip_proto::now_ms();
+    let after = predicted(&before, &update, now);
+    let persist = {
+        let (store, user) = (state.store.clone(), user.clone());
+        tokio::spawn(async move { store.set_presence(&user, update).await })
+    };
     let intent = intent_of(&after);
     let frame = if after.invisible {
         if before.invisible {
@@ -279,7 +287,39 @@ pub async fn set_state(
         ..Default::default()
     });
     state.sessions.deliver(user, &own, Some(conn_id));
-    Ok(())
+    match persist.await {
+        Ok(r) => r.map(|_| ()).map_err(Refused::from),
+        Err(e) => Err(Refused::new(
+            ErrorCode::Internal,
+            format!("storing the change failed: {e}"),
+        )),
+    }
+}
+
+/// The profile after `update`, as the store computes it (intent with its details, or cleared;
+/// invisibility with the time it began).
+fn predicted(before: &Profile, update: &PresenceUpdate, now: i64) -> Profile {
+    let mut p = before.clone();
+    if let Some((status, details)) = &update.intent {
+        match status {
+            Status::Away | Status::Busy | Status::Dnd => {
+                p.intent = *status;
+                p.details = details.clone();
+            }
+            _ => {
+                p.intent = Status::Unspecified;
+                p.details.clear();
+            }
+        }
+        p.intent_at = now;
+    }
+    if let Some(inv) = update.invisible
+        && inv != p.invisible
+    {
+        p.invisible = inv;
+        p.invisible_since = if inv { now } else { 0 };
+    }
+    p
 }
 
 /// TYPING / RECORDING to one peer: delivered to the peer's online devices only if the peer may
