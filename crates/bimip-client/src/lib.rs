@@ -367,7 +367,10 @@ where
     sink.send(msg).await.map_err(ClientError::from)
 }
 
-async fn read<S>(
+/// Reads the next frame from any WebSocket stream: `None` once the connection is closed (the
+/// close code, if one came, is kept in `close`). Cancel-safe. Also used by the bench's own
+/// connection type.
+pub async fn read_frame<S>(
     stream: &mut S,
     codec: Codec,
     close: &mut Option<CloseInfo>,
@@ -531,7 +534,7 @@ impl ClientReader {
 
     /// The next frame; `None` once the server closed the connection. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Option<Frame>, ClientError> {
-        read(&mut self.stream, self.codec, &mut self.close).await
+        read_frame(&mut self.stream, self.codec, &mut self.close).await
     }
 
     /// Like [`ClientReader::recv`], failing with [`ClientError::Timeout`] after `timeout`.

@@ -175,27 +175,8 @@ impl Writer {
 impl Reader {
     /// The next frame; `None` once the connection is closed. Cancel-safe.
     pub async fn recv(&mut self) -> anyhow::Result<Option<Frame>> {
-        loop {
-            let msg = match self.stream.next().await {
-                None => return Ok(None),
-                Some(Ok(m)) => m,
-                Some(Err(
-                    tungstenite::Error::ConnectionClosed
-                    | tungstenite::Error::AlreadyClosed
-                    | tungstenite::Error::Protocol(
-                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                    ),
-                )) => return Ok(None),
-                Some(Err(e)) => return Err(e.into()),
-            };
-            match msg {
-                Message::Binary(b) => return Ok(Some(self.codec.decode_binary(&b)?)),
-                Message::Text(t) => return Ok(Some(self.codec.decode_text(t.as_str())?)),
-                Message::Close(_) => return Ok(None),
-                // Pongs to the server's pings are queued by tungstenite and flushed on the next read.
-                _ => {}
-            }
-        }
+        let mut close = None;
+        Ok(bimip_client::read_frame(&mut self.stream, self.codec, &mut close).await?)
     }
 
     /// Like [`Reader::recv`], with a deadline; `Ok(None)` also on timeout.
