@@ -224,18 +224,7 @@ async fn a_silent_client_is_reported_offline_after_two_heartbeats() {
 #[tokio::test]
 async fn rs256_and_es256_keys_and_no_algorithm_confusion() {
     let dir = tempfile::tempdir().unwrap();
-    let openssl = |args: &[&str]| {
-        let st = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("openssl is installed (scripts/test installs it)");
-        assert!(
-            st.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| openssl(dir.path(), args);
     openssl(&[
         "genpkey",
         "-algorithm",

@@ -38,17 +38,6 @@ fn rss_kb(pid: u32) -> u64 {
 
 /// Reads until the connection ends; the close frame, if it arrived (a server closing on a
 /// client that is still sending may reset the connection before the client reads it).
-async fn wait_closed(c: &mut Client) -> Option<bimip_client::CloseInfo> {
-    loop {
-        match c.recv_timeout(T).await {
-            Ok(Some(_)) => continue,
-            Ok(None) => return c.close_info().cloned(),
-            Err(ClientError::Timeout) => panic!("the connection was not closed"),
-            Err(_) => return None,
-        }
-    }
-}
-
 #[tokio::test]
 async fn frames_over_the_rate_get_rate_limited_and_a_flood_closes_with_1008() {
     let s = Server::start(&[

@@ -47,17 +47,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-async fn closed(c: &mut Client) -> Option<bimip_client::CloseInfo> {
-    loop {
-        match c.recv_timeout(T).await {
-            Ok(Some(_)) => continue,
-            Ok(None) => return c.close_info().cloned(),
-            Err(ClientError::Timeout) => panic!("the connection was not closed"),
-            Err(_) => return None,
-        }
-    }
-}
-
 #[tokio::test]
 async fn hostile_user_ids_are_refused_and_nothing_is_written_outside_the_data_dir() {
     let tmp = tempfile::tempdir().unwrap();
@@ -245,7 +234,7 @@ async fn revoke_closes_the_users_connections_and_refuses_its_tokens_also_after_a
     assert_eq!(r["closed"], 2, "{r}");
     let not_before = r["not_before"].as_i64().unwrap();
     for c in [&mut phone, &mut laptop] {
-        let close = closed(c).await.expect("close frame");
+        let close = wait_closed(c).await.expect("close frame");
         assert_eq!((close.code, close.reason.as_str()), (1008, "revoked"));
     }
     assert!(
@@ -305,7 +294,7 @@ async fn kick_closes_one_device_and_an_expired_token_closes_its_connection() {
         .await
         .unwrap();
     assert_eq!(r["closed"], 1, "{r}");
-    let close = closed(&mut phone).await.expect("close frame");
+    let close = wait_closed(&mut phone).await.expect("close frame");
     assert_eq!((close.code, close.reason.as_str()), (1008, "kicked"));
     let p = laptop.ping().await.unwrap();
     assert!(matches!(
@@ -328,7 +317,7 @@ async fn kick_closes_one_device_and_an_expired_token_closes_its_connection() {
     let (mut c, _) = Client::connect(ConnectOptions::new(s.url()).token(short))
         .await
         .unwrap();
-    let close = closed(&mut c).await.expect("close frame");
+    let close = wait_closed(&mut c).await.expect("close frame");
     assert_eq!((close.code, close.reason.as_str()), (1008, "token expired"));
 }
 
@@ -420,18 +409,7 @@ async fn tls_serves_https_and_wss() {
     let dir = tempfile::tempdir().unwrap();
     // A throwaway CA and a leaf certificate for localhost signed by it (webpki refuses a
     // self-signed certificate used as the server's own).
-    let openssl = |args: &[&str]| {
-        let st = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("openssl");
-        assert!(
-            st.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| openssl(dir.path(), args);
     let ec = [
         "-newkey",
         "ec",

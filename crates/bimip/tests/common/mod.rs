@@ -357,3 +357,30 @@ pub async fn presence(s: &Server, user: &str) -> serde_json::Value {
         .await
         .expect("presence json")
 }
+
+/// Reads until the server closes the connection; the close code and reason it sent, if any.
+/// Panics when the connection stays open.
+pub async fn wait_closed(c: &mut Client) -> Option<bimip_client::CloseInfo> {
+    loop {
+        match c.recv_timeout(T).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return c.close_info().cloned(),
+            Err(bimip_client::ClientError::Timeout) => panic!("the connection was not closed"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Runs the `openssl` command in `dir` (scripts/test installs it when missing).
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
