@@ -13,6 +13,7 @@
 #
 # Loopback only. Every scenario is bounded (`timeout`); the server is stopped at the end. The idle
 # scenarios run first on a fresh server, the others on a second fresh server.
+# shellcheck disable=SC2119  # start_server's arguments (extra serve flags) are optional
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,8 +30,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 mkdir -p "$OUT"
-ulimit -n "$(ulimit -Hn)" || true
-echo "open files limit: $(ulimit -n)" >&2
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+raise_nofile
 
 if [ $BUILD = 1 ]; then
   cargo build --release -p bimip
@@ -39,38 +41,8 @@ BIN=$ROOT/target/release/bimip
 STAMP=$(date +%Y%m%dT%H%M%S)
 RES=$OUT/bimip-$STAMP.jsonl
 
-BIMIP_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-BIMIP_API_KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-export BIMIP_JWT_SECRET BIMIP_API_KEY
-PID=; DATA=
-stop_server() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    for _ in $(seq 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
-  [ -n "$DATA" ] && rm -rf "$DATA"
-  PID=; DATA=
-}
+new_credentials
 trap stop_server EXIT
-# A fresh server (new data dir) each time: fsync=batch, generated secret and API key.
-start_server() {
-  DATA=$(mktemp -d /tmp/bimip-bench.XXXXXX)
-  "$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" --fsync batch --log warn \
-    >"$DATA/server.out" 2>"$DATA/server.err" &
-  PID=$!
-  ADDR=
-  for _ in $(seq 100); do
-    ADDR=$(sed -n 's/^bimip listening on http:\/\/\([^ ]*\) .*/\1/p' "$DATA/server.out" | head -1)
-    [ -n "$ADDR" ] && break
-    kill -0 "$PID" 2>/dev/null || { cat "$DATA/server.err" >&2; exit 1; }
-    sleep 0.1
-  done
-  [ -n "$ADDR" ] || { echo "the server did not report its address" >&2; exit 1; }
-  echo "bimip serve pid $PID on $ADDR, data in $DATA, results in $RES" >&2
-  B="timeout 660 $BIN bench --url ws://$ADDR/ws --server-pid $PID --label bimip --results $RES --quiet"
-}
-run() { echo "+ bimip bench $*" >&2; $B "$@" >/dev/null || echo "  (failed: $*)" >&2; }
 
 # (c) idle connections first, on a fresh server, so RSS per connection is not blurred by what
 # earlier scenarios left on the heap
@@ -150,7 +122,7 @@ fi
 
 TABLE=$OUT/compare-$STAMP.md
 {
-  echo "<!-- bench/compare.sh $STAMP; bimip: ${RES#$ROOT/}; $NOTE -->"
+  echo "<!-- bench/compare.sh $STAMP; bimip: ${RES#"$ROOT"/}; $NOTE -->"
   python3 "$ROOT/bench/summarize.py" "$RES" "${PEER_FILES[@]}" --servers bimip,ejabberd,mosquitto
 } >"$TABLE"
 cat "$TABLE"
