@@ -6,7 +6,7 @@ use bimip_proto::{
     Body,
     v1::{self, ErrorCode, Partition, ReceiptKind},
 };
-use bimip_store::{AckRequest, NewItem, QueueStore, StoreError};
+use bimip_store::{AckRequest, CopyTo, NewItem, QueueStore, StoreError};
 use bytes::Bytes;
 use prost::Message as _;
 use std::{future::Future, sync::Arc};
@@ -119,7 +119,26 @@ pub async fn start_send(
         peer_offset: 0,
         dedupe: true,
     };
-    let pending = state.store.enqueue_append(&req.to, item).await?;
+    let to_self = *req.from == *req.to;
+    // Only chat is mirrored: a notification a user sends is not one it should see pending. The
+    // copy is queued by the store right behind the recipient's item (no round trip back here),
+    // so both become durable together.
+    let (pending, copy) = if req.sender_copy && !to_self && req.partition == Partition::Chat {
+        let copy = CopyTo {
+            user: req.from.to_string(),
+            item: NewItem {
+                dedupe: false,
+                ..item.clone()
+            },
+        };
+        let (p, c) = state
+            .store
+            .enqueue_append_with_copy(&req.to, item, copy)
+            .await?;
+        (p, Some(c))
+    } else {
+        (state.store.enqueue_append(&req.to, item).await?, None)
+    };
     let state = state.clone();
     Ok(async move {
         let stored = pending.wait().await?;
@@ -134,7 +153,6 @@ pub async fn start_send(
             return Ok(ack);
         }
         state.metrics.messages_stored.inc();
-        let to_self = *req.from == *req.to;
         let message = |offset: u64| {
             Outbound::new(v1::Frame::with(
                 0,
@@ -161,19 +179,8 @@ pub async fn start_send(
                 req.conn.filter(|_| to_self),
             )
             .devices;
-        // Only chat is mirrored: a notification a user sends is not one it should see pending.
-        if req.sender_copy && !to_self && req.partition == Partition::Chat {
-            let item = NewItem {
-                partition: req.partition,
-                from: req.from.to_string(),
-                to: req.to.clone(),
-                payload: req.payload.clone(),
-                message_id: req.id.clone(),
-                device: req.device.to_string(),
-                peer_offset: stored.offset,
-                dedupe: false,
-            };
-            let copy = state.store.append(&req.from, item).await?;
+        if let Some(copy) = copy {
+            let copy = copy.wait().await?;
             delivered += state
                 .sessions
                 .deliver(&req.from, &message(copy.offset), req.conn)

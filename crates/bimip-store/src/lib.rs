@@ -39,6 +39,18 @@ pub trait QueueStore: Send + Sync {
         item: NewItem,
     ) -> impl Future<Output = Result<Pending<Appended>, StoreError>> + Send;
 
+    /// [`Self::enqueue_append`] of `item` to `user`, then, once it has its offset, of `copy`
+    /// to `copy.user` with `peer_offset` = that offset, without a round trip back to the
+    /// caller in between: both become durable in the same group commit when both users live on
+    /// the same writer, and concurrently otherwise. The copy's result is `duplicate` (nothing
+    /// stored) when the first append is a duplicate, and an error when the first one fails.
+    fn enqueue_append_with_copy(
+        &self,
+        user: &str,
+        item: NewItem,
+        copy: CopyTo,
+    ) -> impl Future<Output = Result<(Pending<Appended>, Pending<Appended>), StoreError>> + Send;
+
     /// A device acknowledges items (a receipt): see [`AckRequest`].
     fn acknowledge(
         &self,
@@ -137,6 +149,16 @@ impl QueueStore for Store {
     ) -> Result<Pending<Appended>, StoreError> {
         match self {
             Store::File(s) => s.enqueue_append(user, item).await,
+        }
+    }
+    async fn enqueue_append_with_copy(
+        &self,
+        user: &str,
+        item: NewItem,
+        copy: CopyTo,
+    ) -> Result<(Pending<Appended>, Pending<Appended>), StoreError> {
+        match self {
+            Store::File(s) => s.enqueue_append_with_copy(user, item, copy).await,
         }
     }
     async fn acknowledge(&self, user: &str, req: AckRequest) -> Result<AckOutcome, StoreError> {

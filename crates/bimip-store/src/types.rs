@@ -58,6 +58,16 @@ pub struct NewItem {
     pub dedupe: bool,
 }
 
+/// A second append made right after another one, into another user's queue (the sender's own
+/// copy of a message): its `peer_offset` is set to the offset the first append got. When the
+/// first append is a duplicate or fails, the copy is not stored (see
+/// [`crate::QueueStore::enqueue_append_with_copy`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyTo {
+    pub user: String,
+    pub item: NewItem,
+}
+
 /// Result of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {

@@ -117,6 +117,9 @@ pub struct ServeArgs {
     /// Most items kept per user queue, the oldest dropped first (0 = no limit) [default: 100000].
     #[arg(long, env = "BIMIP_MAX_QUEUE_ITEMS")]
     max_queue_items: Option<usize>,
+    /// Store writer threads (users are spread over them by hash) [default: 4].
+    #[arg(long, env = "BIMIP_STORE_SHARDS")]
+    store_shards: Option<usize>,
     /// Print the effective settings as TOML (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
@@ -155,7 +158,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let listener = bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
@@ -172,6 +175,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`): a
+/// reconnect storm after a restart must not lose SYNs (each lost one costs the client a 1 s
+/// retransmit).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the first address `listen` resolves to, with [`LISTEN_BACKLOG`].
+async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .with_context(|| format!("{listen} resolves to no address"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
 fn apply_flags(a: &ServeArgs, c: &mut Config) {
     fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
         if let Some(v) = v {
@@ -186,6 +210,7 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.listen, &a.listen);
     set(&mut c.data_dir, &a.data_dir);
     set(&mut c.fsync, &a.fsync);
+    set(&mut c.store.shards, &a.store_shards);
     set(&mut c.node, &a.node);
     set(&mut c.heartbeat_ms, &a.heartbeat_ms);
     set(&mut c.max_frame_bytes, &a.max_frame_bytes);

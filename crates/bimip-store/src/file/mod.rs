@@ -28,11 +28,11 @@ use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
 pub use check::{CheckReport, Problem, check_data_dir};
 use profile::{Edit, Edited};
-use shard::{Cmd, Shard, ShardConfig};
+use shard::{Cmd, Inbox, Shard, ShardConfig};
 
 use crate::{
-    AckOutcome, AckRequest, Appended, NewItem, Pending, PendingForDevice, PresenceUpdate, Profile,
-    ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError,
+    AckOutcome, AckRequest, Appended, CopyTo, NewItem, Pending, PendingForDevice, PresenceUpdate,
+    Profile, ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError,
 };
 
 /// When appends are fsynced before they are acknowledged.
@@ -156,7 +156,7 @@ pub const DEFAULT_MAX_QUEUE_ITEMS: usize = 100_000;
 const CHANNEL_CAPACITY: usize = 4096;
 
 /// A stable hash (FNV-1a), so a user always maps to the same shard.
-fn shard_of(user: &str, shards: usize) -> usize {
+pub(crate) fn shard_of(user: &str, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in user.as_bytes() {
         h ^= u64::from(*b);
@@ -183,10 +183,20 @@ impl FileStore {
         for user in &report.compaction_due {
             due[shard_of(user, n)].push(user.clone());
         }
+        // Shards hand each other follow-up appends (a sender's copy) through these inboxes,
+        // never by waiting on each other's bounded channel (see [`Inbox`]).
+        let channels: Vec<_> = (0..n).map(|_| mpsc::channel(CHANNEL_CAPACITY)).collect();
+        let inboxes: Arc<Vec<Inbox>> = Arc::new(
+            channels
+                .iter()
+                .map(|(tx, _)| Inbox::new(tx.downgrade()))
+                .collect(),
+        );
         let mut shards = Vec::with_capacity(n);
-        for (i, due) in due.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        for (i, (due, (tx, rx))) in due.into_iter().zip(channels).enumerate() {
             let shard = Shard::new(ShardConfig {
+                index: i,
+                inboxes: inboxes.clone(),
                 data_dir: cfg.data_dir.clone(),
                 mode: cfg.fsync,
                 cache_users: (cfg.cache_users / n).max(1),
@@ -449,10 +459,33 @@ impl QueueStore for FileStore {
                 user: user_s,
                 item,
                 reply,
+                copy: None,
             },
         )
         .await?;
         Ok(Pending::new(rx))
+    }
+    async fn enqueue_append_with_copy(
+        &self,
+        user: &str,
+        item: NewItem,
+        copy: CopyTo,
+    ) -> Result<(Pending<Appended>, Pending<Appended>), StoreError> {
+        check_user(user)?;
+        check_user(&copy.user)?;
+        let (reply, rx) = oneshot::channel();
+        let (copy_reply, copy_rx) = oneshot::channel();
+        self.send(
+            user,
+            Cmd::Append {
+                user: user.to_string(),
+                item,
+                reply,
+                copy: Some(Box::new((copy, copy_reply))),
+            },
+        )
+        .await?;
+        Ok((Pending::new(rx), Pending::new(copy_rx)))
     }
     async fn acknowledge(&self, user: &str, req: AckRequest) -> Result<AckOutcome, StoreError> {
         check_user(user)?;

@@ -1,13 +1,19 @@
 //! One user's queue and device cursors in memory, rebuilt from the two files, and the operations
 //! of [`crate::QueueStore`] applied to it. Every state change also produces the lines to append,
 //! so memory and disk move together (the shard writes and fsyncs them).
+//!
+//! Memory holds what routing, dedupe, cursors and compaction decisions need ([`Meta`]: ids,
+//! offsets, flags, names shared per queue) and where each item's line is in the queue file;
+//! payloads stay on disk and are read back (one `pread` per span) when items are handed out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use bimip_proto::store::{IndexRecord, QueueRecord, QueueRecordKind};
 use bimip_proto::v1::{Partition, ReceiptKind};
 
-use super::record::encode_line_into;
+use super::record::{decode_line, encode_line_into};
 use crate::{
     AckOutcome, AckRequest, Appended, Item, NewItem, PendingForDevice, ReadBatch, ReadRequest,
     SenderPending, StoreError,
@@ -34,6 +40,24 @@ impl Lines {
     }
 }
 
+/// One stored item in memory: everything but the payload, plus where its line is.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    offset: u64,
+    peer_offset: u64,
+    timestamp: i64,
+    /// Byte position of the item's line in the queue file, and its length without `\n`.
+    pos: u64,
+    len: u32,
+    partition: Partition,
+    acknowledged: bool,
+    from: Arc<str>,
+    message_id: Box<str>,
+}
+
+/// Reads `len` bytes at `pos` of the user's queue file.
+pub(crate) type ReadAt<'a> = &'a mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>;
+
 /// The decoded state of one user's queue.
 #[derive(Debug)]
 pub(crate) struct UserQueue {
@@ -41,12 +65,16 @@ pub(crate) struct UserQueue {
     /// The offset the next item gets (max offset seen + 1).
     next_offset: u64,
     /// Items in offset order.
-    items: Vec<Item>,
-    by_key: HashMap<(Partition, String), KeyList>,
-    /// (from, message id) → offset, for dedupe.
-    ids: HashMap<(String, String), u64>,
+    items: Vec<Meta>,
+    by_key: HashMap<(Partition, Arc<str>), KeyList>,
+    /// Hash of (from, message id) → offset, for dedupe (a hit is confirmed against the item).
+    ids: HashMap<u64, u64>,
+    /// Sender names, shared by the items that carry them.
+    names: HashSet<Arc<str>>,
     /// (partition, from) → (device, kind) → next offset not acknowledged.
     cursors: HashMap<(Partition, String), HashMap<(String, i32), u64>>,
+    /// Length of the queue file once every line produced so far is written.
+    queue_bytes: u64,
     /// Lines in the queue and index files (what compaction would shrink).
     queue_records: u64,
     index_records: u64,
@@ -92,6 +120,40 @@ fn partition_of(v: i32) -> Partition {
     Partition::try_from(v).unwrap_or(Partition::Unspecified)
 }
 
+/// The dedupe key of (sender, message id): a fixed-key hash, stable for the process.
+fn id_key(from: &str, message_id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    from.hash(&mut h);
+    message_id.hash(&mut h);
+    h.finish()
+}
+
+/// One item line as read back from the file.
+fn item_from_line(meta: &Meta, line: &[u8]) -> Result<Item, String> {
+    let rec: QueueRecord = decode_line(line).map_err(|e| e.to_string())?;
+    if rec.offset != meta.offset || rec.kind != QueueRecordKind::Item as i32 {
+        return Err(format!(
+            "expected item {} at byte {}, found record {} of kind {}",
+            meta.offset, meta.pos, rec.offset, rec.kind
+        ));
+    }
+    Ok(Item {
+        offset: meta.offset,
+        partition: meta.partition,
+        from: rec.from,
+        to: rec.to,
+        payload: rec.payload,
+        timestamp: meta.timestamp,
+        acknowledged: meta.acknowledged,
+        message_id: rec.message_id,
+        device: rec.device,
+        peer_offset: meta.peer_offset,
+    })
+}
+
+/// Spans of lines read with one `pread` while the gaps between them stay this small.
+const MAX_SPAN_GAP: u64 = 16 * 1024;
+
 impl UserQueue {
     pub fn empty(user: &str) -> Self {
         UserQueue {
@@ -100,7 +162,9 @@ impl UserQueue {
             items: Vec::new(),
             by_key: HashMap::new(),
             ids: HashMap::new(),
+            names: HashSet::new(),
             cursors: HashMap::new(),
+            queue_bytes: 0,
             queue_records: 0,
             index_records: 0,
             compacted_at: 0,
@@ -108,16 +172,19 @@ impl UserQueue {
         }
     }
 
-    /// Rebuilds the state from the records of both files, in file order.
+    /// Rebuilds the state from the records of both files, in file order: queue records with
+    /// their line's position and length, and the queue file's length.
     pub fn from_records(
         user: &str,
-        queue: impl IntoIterator<Item = QueueRecord>,
+        queue: impl IntoIterator<Item = (u64, u32, QueueRecord)>,
+        queue_bytes: u64,
         index: impl IntoIterator<Item = IndexRecord>,
     ) -> Self {
         let mut q = UserQueue::empty(user);
-        for rec in queue {
-            q.apply_record(rec);
+        for (pos, len, rec) in queue {
+            q.apply_record(rec, pos, len);
         }
+        q.queue_bytes = queue_bytes;
         for rec in index {
             q.apply_index(&rec);
         }
@@ -129,7 +196,16 @@ impl UserQueue {
         self.next_offset - 1
     }
 
-    fn apply_record(&mut self, rec: QueueRecord) {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
+    fn apply_record(&mut self, rec: QueueRecord, pos: u64, len: u32) {
         self.queue_records += 1;
         if rec.kind == QueueRecordKind::Mark as i32 {
             self.next_offset = self.next_offset.max(rec.offset.saturating_add(1));
@@ -144,18 +220,18 @@ impl UserQueue {
             return;
         }
         self.next_offset = rec.offset.saturating_add(1);
-        self.insert(Item {
+        let meta = Meta {
             offset: rec.offset,
-            partition: partition_of(rec.partition),
-            from: rec.from,
-            to: rec.to,
-            payload: rec.payload,
-            timestamp: rec.timestamp,
-            acknowledged: rec.acknowledged,
-            message_id: rec.message_id,
-            device: rec.device,
             peer_offset: rec.peer_offset,
-        });
+            timestamp: rec.timestamp,
+            pos,
+            len,
+            partition: partition_of(rec.partition),
+            acknowledged: rec.acknowledged,
+            from: self.intern(&rec.from),
+            message_id: rec.message_id.into_boxed_str(),
+        };
+        self.insert(meta);
     }
 
     fn apply_index(&mut self, rec: &IndexRecord) {
@@ -169,10 +245,10 @@ impl UserQueue {
         *slot = (*slot).max(rec.next_offset);
     }
 
-    fn insert(&mut self, item: Item) {
+    fn insert(&mut self, item: Meta) {
         if !item.message_id.is_empty() {
             self.ids
-                .entry((item.from.clone(), item.message_id.clone()))
+                .entry(id_key(&item.from, &item.message_id))
                 .or_insert(item.offset);
         }
         let list = self
@@ -187,11 +263,43 @@ impl UserQueue {
         self.items.push(item);
     }
 
-    fn item(&self, offset: u64) -> Option<&Item> {
+    fn item(&self, offset: u64) -> Option<&Meta> {
         self.items
             .binary_search_by_key(&offset, |i| i.offset)
             .ok()
             .map(|i| &self.items[i])
+    }
+
+    /// Reads the items of `metas` (in file order) back from the queue file, one `pread` per
+    /// run of nearby lines.
+    fn fetch(&self, metas: &[&Meta], read_at: ReadAt<'_>) -> Result<Vec<Item>, StoreError> {
+        let corrupt = |m: &Meta, reason: String| StoreError::Corrupt {
+            path: std::path::PathBuf::from(format!("bimip_queue_{}.dat", self.user)),
+            line: 0,
+            reason: format!("byte {}: {reason}", m.pos),
+        };
+        let mut out = Vec::with_capacity(metas.len());
+        let mut i = 0;
+        while i < metas.len() {
+            let start = metas[i].pos;
+            let mut end = start + u64::from(metas[i].len);
+            let mut j = i + 1;
+            while j < metas.len() && metas[j].pos >= end && metas[j].pos - end <= MAX_SPAN_GAP {
+                end = metas[j].pos + u64::from(metas[j].len);
+                j += 1;
+            }
+            let span = usize::try_from(end - start).unwrap_or(usize::MAX);
+            let buf = read_at(start, span).map_err(|e| corrupt(metas[i], e.to_string()))?;
+            for m in &metas[i..j] {
+                let a = usize::try_from(m.pos - start).unwrap_or(usize::MAX);
+                let line = buf
+                    .get(a..a.saturating_add(m.len as usize))
+                    .ok_or_else(|| corrupt(m, "line past the end of the file".into()))?;
+                out.push(item_from_line(m, line).map_err(|e| corrupt(m, e))?);
+            }
+            i = j;
+        }
+        Ok(out)
     }
 
     /// Marks items of `partition` from `from` ("" = every sender) with offset <= `up` as
@@ -207,7 +315,7 @@ impl UserQueue {
                 .collect()
         } else {
             self.by_key
-                .get_mut(&(partition, from.to_string()))
+                .get_mut(&(partition, Arc::<str>::from(from)))
                 .into_iter()
                 .collect()
         };
@@ -220,7 +328,7 @@ impl UserQueue {
                     let it = &mut items[i];
                     if !it.acknowledged {
                         it.acknowledged = true;
-                        newly.push((off, it.message_id.clone()));
+                        newly.push((off, it.message_id.to_string()));
                     }
                 }
                 list.acked_prefix += 1;
@@ -231,8 +339,8 @@ impl UserQueue {
     }
 
     /// Unacknowledged items of `partition`, in offset order.
-    fn unacked(&self, partition: Partition) -> Vec<Item> {
-        let mut out: Vec<Item> = Vec::new();
+    fn unacked(&self, partition: Partition, read_at: ReadAt<'_>) -> Result<Vec<Item>, StoreError> {
+        let mut metas: Vec<&Meta> = Vec::new();
         for ((p, _), list) in &self.by_key {
             if *p != partition {
                 continue;
@@ -241,12 +349,12 @@ impl UserQueue {
                 if let Some(it) = self.item(off)
                     && !it.acknowledged
                 {
-                    out.push(it.clone());
+                    metas.push(it);
                 }
             }
         }
-        out.sort_unstable_by_key(|i| i.offset);
-        out
+        metas.sort_unstable_by_key(|m| m.offset);
+        self.fetch(&metas, read_at)
     }
 
     /// Where a device reads from by default: its furthest cursor of any kind for the key, or,
@@ -280,8 +388,10 @@ impl UserQueue {
         }
         if new.dedupe
             && !new.message_id.is_empty()
-            && let Some(&off) = self.ids.get(&(new.from.clone(), new.message_id.clone()))
+            && let Some(&off) = self.ids.get(&id_key(&new.from, &new.message_id))
             && let Some(orig) = self.item(off)
+            && *orig.from == *new.from
+            && *orig.message_id == *new.message_id
         {
             return Ok(Appended {
                 offset: orig.offset,
@@ -303,13 +413,26 @@ impl UserQueue {
             kind: QueueRecordKind::Item as i32,
             peer_offset: new.peer_offset,
         };
-        encode_line_into(&rec, &mut out.queue);
-        self.apply_record(rec);
+        let (pos, len) = self.push_line(&rec, out);
+        self.apply_record(rec, pos, len);
         Ok(Appended {
             offset,
             timestamp: now,
             duplicate: false,
         })
+    }
+
+    /// Encodes a queue record into `out` and returns its line's position and length in the file.
+    fn push_line(&mut self, rec: &QueueRecord, out: &mut Lines) -> (u64, u32) {
+        let before = out.queue.len();
+        encode_line_into(rec, &mut out.queue);
+        let written = (out.queue.len() - before) as u64;
+        let pos = self.queue_bytes;
+        self.queue_bytes += written;
+        (
+            pos,
+            u32::try_from(written.saturating_sub(1)).unwrap_or(u32::MAX),
+        )
     }
 
     /// Moves the cursor `(device, partition, from, kind)` forward (never back) to `to`.
@@ -356,7 +479,7 @@ impl UserQueue {
             kind: QueueRecordKind::Ack as i32,
             ..Default::default()
         };
-        encode_line_into(&rec, &mut out.queue);
+        self.push_line(&rec, out);
         self.queue_records += 1;
     }
 
@@ -394,13 +517,16 @@ impl UserQueue {
                     })
                     .unwrap_or(1);
                 let new_cursor = up + 1;
-                let covered = match self.by_key.get(&key) {
+                let covered = match self
+                    .by_key
+                    .get(&(Partition::Chat, Arc::from(peer.as_str())))
+                {
                     Some(list) => {
                         let a = list.offsets.partition_point(|&o| o < furthest);
                         let b = list.offsets.partition_point(|&o| o < new_cursor);
                         list.offsets[a..b.max(a)]
                             .iter()
-                            .filter_map(|&o| self.item(o).map(|i| (o, i.message_id.clone())))
+                            .filter_map(|&o| self.item(o).map(|i| (o, i.message_id.to_string())))
                             .collect()
                     }
                     None => Vec::new(),
@@ -444,7 +570,7 @@ impl UserQueue {
     }
 
     /// Reads one page (see [`ReadRequest`]); never changes state. `limit == 0` means no limit.
-    pub fn read(&self, req: &ReadRequest) -> Result<ReadBatch, StoreError> {
+    pub fn read(&self, req: &ReadRequest, read_at: ReadAt<'_>) -> Result<ReadBatch, StoreError> {
         if req.partition == Partition::Unspecified {
             return Err(StoreError::Invalid("read: partition is unspecified".into()));
         }
@@ -458,7 +584,7 @@ impl UserQueue {
         } else {
             req.limit
         };
-        let mut items = Vec::new();
+        let mut metas: Vec<&Meta> = Vec::new();
         let mut more = false;
         if from.is_empty() {
             let i = self.items.partition_point(|it| it.offset < start);
@@ -466,22 +592,23 @@ impl UserQueue {
                 .iter()
                 .filter(|it| it.partition == req.partition)
             {
-                if items.len() == limit {
+                if metas.len() == limit {
                     more = true;
                     break;
                 }
-                items.push(it.clone());
+                metas.push(it);
             }
-        } else if let Some(list) = self.by_key.get(&(req.partition, from.to_string())) {
+        } else if let Some(list) = self.by_key.get(&(req.partition, Arc::from(from))) {
             let i = list.offsets.partition_point(|&o| o < start);
             let rest = &list.offsets[i..];
             more = rest.len() > limit;
-            items = rest
+            metas = rest
                 .iter()
                 .take(limit)
-                .filter_map(|&o| self.item(o).cloned())
+                .filter_map(|&o| self.item(o))
                 .collect();
         }
+        let items = self.fetch(&metas, read_at)?;
         let next_offset = items.last().map_or(start, |i| i.offset + 1);
         Ok(ReadBatch {
             items,
@@ -491,37 +618,67 @@ impl UserQueue {
     }
 
     /// What a connecting device is owed.
-    pub fn pending(&self, device: &str) -> PendingForDevice {
-        let mut senders: Vec<SenderPending> = self
-            .by_key
-            .iter()
-            .filter(|((p, from), _)| *p == Partition::Chat && *from != self.user)
-            .filter_map(|((_, from), list)| {
-                let cursor = self.read_cursor(device, Partition::Chat, from);
-                let i = list.offsets.partition_point(|&o| o < cursor);
-                let rest = &list.offsets[i..];
-                let (&first, &last) = (rest.first()?, rest.last()?);
-                Some(SenderPending {
-                    from: from.clone(),
-                    unread: rest.len() as u64,
-                    first_offset: first,
-                    last_offset: last,
-                    last: self.item(last)?.clone(),
-                })
+    pub fn pending(
+        &self,
+        device: &str,
+        read_at: ReadAt<'_>,
+    ) -> Result<PendingForDevice, StoreError> {
+        let mut senders: Vec<(SenderPending, &Meta)> = Vec::new();
+        for ((p, from), list) in &self.by_key {
+            if *p != Partition::Chat || **from == *self.user {
+                continue;
+            }
+            let cursor = self.read_cursor(device, Partition::Chat, from);
+            let i = list.offsets.partition_point(|&o| o < cursor);
+            let rest = &list.offsets[i..];
+            let (Some(&first), Some(&last)) = (rest.first(), rest.last()) else {
+                continue;
+            };
+            let Some(meta) = self.item(last) else {
+                continue;
+            };
+            let sp = SenderPending {
+                from: from.to_string(),
+                unread: rest.len() as u64,
+                first_offset: first,
+                last_offset: last,
+                last: Item {
+                    offset: 0,
+                    partition: Partition::Unspecified,
+                    from: String::new(),
+                    to: String::new(),
+                    payload: Default::default(),
+                    timestamp: 0,
+                    acknowledged: false,
+                    message_id: String::new(),
+                    device: String::new(),
+                    peer_offset: 0,
+                },
+            };
+            senders.push((sp, meta));
+        }
+        senders.sort_unstable_by_key(|(s, _)| s.last_offset);
+        let metas: Vec<&Meta> = senders.iter().map(|(_, m)| *m).collect();
+        let lasts = self.fetch(&metas, read_at)?;
+        let senders = senders
+            .into_iter()
+            .zip(lasts)
+            .map(|((mut s, _), last)| {
+                s.last = last;
+                s
             })
             .collect();
-        senders.sort_unstable_by_key(|s| s.last_offset);
-        PendingForDevice {
-            notifications: self.unacked(Partition::Notification),
+        Ok(PendingForDevice {
+            notifications: self.unacked(Partition::Notification, read_at)?,
             senders,
-            receipts: self.unacked(Partition::Receipt),
-        }
+            receipts: self.unacked(Partition::Receipt, read_at)?,
+        })
     }
 
     /// Whether retention may drop `item` once it is old enough: acknowledged items, and the
     /// user's own copies of what it sent (nobody acknowledges those).
-    fn retention_droppable(&self, item: &Item) -> bool {
-        item.acknowledged || item.from == self.user
+    fn retention_droppable(&self, item: &Meta) -> bool {
+        item.acknowledged || *item.from == *self.user
     }
 
     fn cursor_count(&self) -> u64 {
@@ -567,7 +724,13 @@ impl UserQueue {
     /// cursor per (device, partition, from, kind). Dropped: retention-droppable items older than
     /// the retention, then, over `max_items`, acknowledged items oldest first and then
     /// unacknowledged ones oldest first.
-    pub fn compact(&self, now: i64, lim: &Limits) -> Compacted {
+    /// Kept items are read back from the queue file (payloads are not in memory).
+    pub fn compact(
+        &self,
+        now: i64,
+        lim: &Limits,
+        read_at: ReadAt<'_>,
+    ) -> Result<Compacted, StoreError> {
         let n = self.items.len();
         let cutoff = if lim.retention_ms > 0 {
             now - lim.retention_ms
@@ -597,18 +760,25 @@ impl UserQueue {
                 }
             }
         }
+        let kept_metas: Vec<&Meta> = self
+            .items
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(m, _)| m)
+            .collect();
         let mut queue_recs: Vec<QueueRecord> = Vec::with_capacity(kept + 1);
-        for (it, _) in self.items.iter().zip(&keep).filter(|(_, k)| **k) {
+        for it in self.fetch(&kept_metas, read_at)? {
             queue_recs.push(QueueRecord {
                 offset: it.offset,
                 partition: it.partition as i32,
-                from: it.from.clone(),
-                to: it.to.clone(),
-                payload: it.payload.clone(),
+                from: it.from,
+                to: it.to,
+                payload: it.payload,
                 timestamp: it.timestamp,
                 acknowledged: it.acknowledged,
-                message_id: it.message_id.clone(),
-                device: it.device.clone(),
+                message_id: it.message_id,
+                device: it.device,
                 kind: QueueRecordKind::Item as i32,
                 peer_offset: it.peer_offset,
             });
@@ -645,19 +815,35 @@ impl UserQueue {
                 b.kind,
             ))
         });
+        let queue_changed = self.queue_records != queue_recs.len() as u64;
+        let index_changed = self.index_records != index_recs.len() as u64;
         let mut queue = Vec::new();
-        for r in &queue_recs {
-            encode_line_into(r, &mut queue);
+        let mut placed = Vec::with_capacity(queue_recs.len());
+        for r in queue_recs {
+            let before = queue.len() as u64;
+            encode_line_into(&r, &mut queue);
+            let len = u32::try_from(queue.len() as u64 - before - 1).unwrap_or(u32::MAX);
+            // An unchanged file is not rewritten: its lines stay where they are.
+            let (pos, len) = match self.item(r.offset) {
+                Some(m) if !queue_changed && r.kind == QueueRecordKind::Item as i32 => {
+                    (m.pos, m.len)
+                }
+                _ => (before, len),
+            };
+            placed.push((pos, len, r));
         }
+        let queue_bytes = if queue_changed {
+            queue.len() as u64
+        } else {
+            self.queue_bytes
+        };
         let mut index = Vec::new();
         for r in &index_recs {
             encode_line_into(r, &mut index);
         }
-        let queue_changed = self.queue_records != queue_recs.len() as u64;
-        let index_changed = self.index_records != index_recs.len() as u64;
-        let mut state = UserQueue::from_records(&self.user, queue_recs, index_recs);
+        let mut state = UserQueue::from_records(&self.user, placed, queue_bytes, index_recs);
         state.compacted_at = now;
-        Compacted {
+        Ok(Compacted {
             queue,
             index,
             queue_changed,
@@ -666,6 +852,6 @@ impl UserQueue {
             dropped: (n - kept) as u64,
             dropped_unacked,
             kept: kept as u64,
-        }
+        })
     }
 }

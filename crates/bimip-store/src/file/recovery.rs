@@ -409,9 +409,13 @@ pub(crate) fn recover(
     Ok(report)
 }
 
-/// Decodes one file for the running store. A bad last line (a write that failed and could not
+/// Records of one file with their line's position and length, and the file's length.
+type Loaded<M> = (Vec<(u64, u32, M)>, u64);
+
+/// Decodes one file for the running store: each record with its line's position and length
+/// (without `\n`), and the file's length. A bad last line (a write that failed and could not
 /// be rolled back) is cut off so later appends start on a clean line; anything else is an error.
-fn load_file<M: prost::Message + Default>(path: &Path) -> Result<Vec<M>, StoreError> {
+fn load_file<M: prost::Message + Default>(path: &Path) -> Result<Loaded<M>, StoreError> {
     let data = read_or_empty(path)?;
     let checked = check::<M>(&data, |_| Ok(()));
     if let Some((line, reason)) = checked.bad.first() {
@@ -421,18 +425,38 @@ fn load_file<M: prost::Message + Default>(path: &Path) -> Result<Vec<M>, StoreEr
             reason: reason.clone(),
         });
     }
+    let mut len = data.len() as u64;
     if let Some((line, start, reason)) = &checked.torn {
         tracing::warn!(file = %path.display(), line, %reason, "cut off a torn last line");
         truncate(path, *start)?;
+        len = *start;
     }
-    Ok(checked.good.into_iter().map(|(_, _, r)| r).collect())
+    let records = checked
+        .good
+        .into_iter()
+        .map(|(_, range, r)| {
+            // `range` includes the line's `\n` (good lines are always terminated).
+            let line_len = range.len().saturating_sub(1);
+            (
+                range.start as u64,
+                u32::try_from(line_len).unwrap_or(u32::MAX),
+                r,
+            )
+        })
+        .collect();
+    Ok((records, len))
 }
 
 /// Loads one user's state from its files (empty when it has none).
 pub(crate) fn load_user(data_dir: &Path, user: &str) -> Result<UserQueue, StoreError> {
-    let q = load_file::<QueueRecord>(&queue_path(data_dir, user))?;
-    let i = load_file::<IndexRecord>(&index_path(data_dir, user))?;
-    Ok(UserQueue::from_records(user, q, i))
+    let (q, queue_bytes) = load_file::<QueueRecord>(&queue_path(data_dir, user))?;
+    let (i, _) = load_file::<IndexRecord>(&index_path(data_dir, user))?;
+    Ok(UserQueue::from_records(
+        user,
+        q,
+        queue_bytes,
+        i.into_iter().map(|(_, _, r)| r),
+    ))
 }
 
 /// Decodes both files read-only, collecting undecodable lines.

@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -19,8 +19,8 @@ use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
-    AckOutcome, AckRequest, Appended, Compaction, NewItem, PendingForDevice, Profile, ReadBatch,
-    ReadRequest, StoreError,
+    AckOutcome, AckRequest, Appended, Compaction, CopyTo, NewItem, PendingForDevice, Profile,
+    ReadBatch, ReadRequest, StoreError,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -31,6 +31,8 @@ pub(crate) enum Cmd {
         user: String,
         item: NewItem,
         reply: Reply<Appended>,
+        /// Appended next, to another user, with `peer_offset` = this item's offset.
+        copy: Option<Box<(CopyTo, Reply<Appended>)>>,
     },
     Ack {
         user: String,
@@ -64,6 +66,8 @@ pub(crate) enum Cmd {
     /// Periodic: write profiles whose advisory changes (last seen) are only in memory, and look
     /// for users due for compaction.
     Tick,
+    /// Another shard put commands into this shard's [`Inbox`].
+    Wake,
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -72,16 +76,75 @@ pub(crate) enum Cmd {
 impl Cmd {
     fn refuse(self) {
         match self {
-            Cmd::Append { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Append { reply, copy, .. } => {
+                drop(reply.send(Err(StoreError::Closed)));
+                if let Some(c) = copy {
+                    drop(c.1.send(Err(StoreError::Closed)));
+                }
+            }
             Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Read { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Pending { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Profile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Compact { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
-            Cmd::Tick => {}
+            Cmd::Tick | Cmd::Wake => {}
             Cmd::Shutdown { reply } => drop(reply.send(())),
         }
+    }
+}
+
+/// Commands one shard hands another (a sender's copy after the recipient's append). Shards
+/// never wait on each other's bounded channel (two full channels would deadlock): they push
+/// here, unbounded but fed only by commands that already passed a bounded channel, and nudge
+/// the owner with a [`Cmd::Wake`] (a full channel needs no nudge: the owner drains the inbox
+/// after every batch). `None` once the owner has stopped.
+pub(crate) struct Inbox {
+    cmds: Mutex<Option<Vec<Cmd>>>,
+    wake: mpsc::WeakSender<Cmd>,
+}
+
+impl Inbox {
+    pub fn new(wake: mpsc::WeakSender<Cmd>) -> Self {
+        Inbox {
+            cmds: Mutex::new(Some(Vec::new())),
+            wake,
+        }
+    }
+
+    fn push(&self, cmd: Cmd) {
+        {
+            let mut g = self.cmds.lock().unwrap_or_else(|p| p.into_inner());
+            match g.as_mut() {
+                Some(v) => v.push(cmd),
+                None => {
+                    drop(g);
+                    cmd.refuse();
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = self.wake.upgrade() {
+            let _ = tx.try_send(Cmd::Wake);
+        }
+    }
+
+    fn drain_into(&self, batch: &mut Vec<Cmd>) {
+        let mut g = self.cmds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = g.as_mut() {
+            batch.append(v);
+        }
+    }
+
+    /// The owner stops: later pushes are refused, and so is whatever is still here.
+    fn close(&self) {
+        let left = self
+            .cmds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        left.into_iter().for_each(Cmd::refuse);
     }
 }
 
@@ -126,6 +189,9 @@ const MAX_BATCH: usize = 1024;
 const LAZY_PER_TICK: usize = 256;
 
 pub(crate) struct ShardConfig {
+    /// This shard's number, and every shard's inbox (indexed by number).
+    pub index: usize,
+    pub inboxes: Arc<Vec<Inbox>>,
     pub data_dir: PathBuf,
     pub mode: FsyncMode,
     pub cache_users: usize,
@@ -225,6 +291,7 @@ impl Shard {
                     Err(_) => break,
                 }
             }
+            self.inbox().drain_into(&mut batch);
             let mut stop = None;
             let tick = batch.iter().any(|c| matches!(c, Cmd::Tick));
             for cmd in batch {
@@ -252,25 +319,64 @@ impl Shard {
                 while let Ok(c) = rx.try_recv() {
                     c.refuse();
                 }
+                self.inbox().close();
                 self.flush_lazy(usize::MAX);
                 self.sync_unsynced();
                 let _ = reply.send(());
                 return;
             }
         }
+        let mut left = Vec::new();
+        self.inbox().drain_into(&mut left);
+        for cmd in left {
+            self.handle(cmd);
+        }
+        self.inbox().close();
         self.commit();
         self.flush_lazy(usize::MAX);
         self.sync_unsynced();
+    }
+
+    fn inbox(&self) -> &Inbox {
+        &self.cfg.inboxes[self.cfg.index]
+    }
+
+    /// Appends a follow-up copy: here when this shard owns its user (same group commit),
+    /// else through the owner's inbox.
+    fn append_copy(&mut self, copy: CopyTo, reply: Reply<Appended>) -> bool {
+        let owner = super::shard_of(&copy.user, self.cfg.inboxes.len());
+        let cmd = Cmd::Append {
+            user: copy.user,
+            item: copy.item,
+            reply,
+            copy: None,
+        };
+        if owner == self.cfg.index {
+            self.handle(cmd)
+        } else {
+            self.cfg.inboxes[owner].push(cmd);
+            false
+        }
     }
 
     /// Applies one command to memory; returns whether it was a write.
     fn handle(&mut self, cmd: Cmd) -> bool {
         let now = bimip_proto::now_ms();
         match cmd {
-            Cmd::Append { user, item, reply } => {
+            Cmd::Append {
+                user,
+                item,
+                reply,
+                copy,
+            } => {
                 let state = match user_state(&mut self.users, &self.cfg.data_dir, &user) {
                     Ok(s) => s,
                     Err(e) => {
+                        if let Some(c) = copy {
+                            let _ = c.1.send(Err(StoreError::Invalid(
+                                "not copied: the original was not stored".into(),
+                            )));
+                        }
                         let _ = reply.send(Err(e));
                         return false;
                     }
@@ -279,12 +385,29 @@ impl Shard {
                     self.maint.touched.insert(user.clone());
                 }
                 let d = self.dirty.entry(user).or_default();
-                match state.append(item, now, &mut d.lines) {
+                let appended = match state.append(item, now, &mut d.lines) {
                     Ok(a) => {
                         d.replies.push(Deferred::Append(reply, a));
                         d.appends += 1;
+                        Some(a)
                     }
-                    Err(e) => drop(reply.send(Err(e))),
+                    Err(e) => {
+                        drop(reply.send(Err(e)));
+                        None
+                    }
+                };
+                if let Some(b) = copy {
+                    let (mut c, r) = *b;
+                    match appended {
+                        Some(a) if !a.duplicate => {
+                            c.item.peer_offset = a.offset;
+                            self.append_copy(c, r);
+                        }
+                        Some(a) => drop(r.send(Ok(Appended { offset: 0, ..a }))),
+                        None => drop(r.send(Err(StoreError::Invalid(
+                            "not copied: the original was not stored".into(),
+                        )))),
+                    }
                 }
                 true
             }
@@ -307,8 +430,7 @@ impl Shard {
                 true
             }
             Cmd::Read { user, req, reply } => {
-                let r = user_state(&mut self.users, &self.cfg.data_dir, &user)
-                    .and_then(|s| s.read(&req));
+                let r = self.with_queue_file(&user, |q, read_at| q.read(&req, read_at));
                 let _ = reply.send(r);
                 false
             }
@@ -317,8 +439,7 @@ impl Shard {
                 device,
                 reply,
             } => {
-                let r = user_state(&mut self.users, &self.cfg.data_dir, &user)
-                    .map(|s| s.pending(&device));
+                let r = self.with_queue_file(&user, |q, read_at| q.pending(&device, read_at));
                 let _ = reply.send(r);
                 false
             }
@@ -343,6 +464,7 @@ impl Shard {
                 self.flush_lazy(LAZY_PER_TICK);
                 false
             }
+            Cmd::Wake => false,
             Cmd::Shutdown { reply } => {
                 let _ = reply.send(());
                 false
@@ -413,6 +535,43 @@ impl Shard {
         }
     }
 
+    /// Runs `f` on the user's state with a reader of its queue file (payloads are read back
+    /// from there). Lines of this batch not yet written are committed first: only durable
+    /// items are handed out, and every position in memory is then in the file.
+    fn with_queue_file<T>(
+        &mut self,
+        user: &str,
+        f: impl FnOnce(&UserQueue, super::queue::ReadAt<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.dirty.contains_key(user) {
+            self.commit();
+        }
+        user_state(&mut self.users, &self.cfg.data_dir, user)?;
+        let path = queue_path(&self.cfg.data_dir, user);
+        let file = if path.exists() {
+            Some(self.take_file(&path)?)
+        } else {
+            None
+        };
+        let mut read_at = |pos: u64, len: usize| -> std::io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = file
+                .as_ref()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, pos)?;
+            Ok(buf)
+        };
+        let r = match self.users.peek(user) {
+            Some(q) => f(q, &mut read_at),
+            None => Err(StoreError::Invalid("user state vanished".into())),
+        };
+        if let Some(file) = file {
+            self.put_file(path, file);
+        }
+        r
+    }
+
     /// Takes a file handle out of the LRU (opening it if needed) so it cannot be closed while
     /// in use; [`Self::put_file`] gives it back.
     fn take_file(&mut self, path: &Path) -> Result<File, StoreError> {
@@ -429,6 +588,7 @@ impl Shard {
         }
         OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
             .map_err(|e| io_err(path, e))
@@ -667,10 +827,19 @@ impl Shard {
     pub(crate) fn compact_user(&mut self, user: &str, now: i64) -> Result<Compaction, StoreError> {
         let started = Instant::now();
         let limits = self.cfg.limits;
-        let Some(state) = self.users.peek(user) else {
+        if !self.users.contains(user) {
             return Ok(Compaction::default());
+        }
+        let c = match self.with_queue_file(user, |q, read_at| q.compact(now, &limits, read_at)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(user, error = %e, "compaction could not read the queue; the files are unchanged");
+                if let Some(q) = self.users.get_mut(user) {
+                    q.block_compaction(now + COMPACT_RETRY_MS);
+                }
+                return Err(e);
+            }
         };
-        let c = state.compact(now, &limits);
         let qp = queue_path(&self.cfg.data_dir, user);
         let ip = index_path(&self.cfg.data_dir, user);
         // The append handles would keep writing to the replaced files.

@@ -855,3 +855,78 @@ fn recovery_speed() {
     );
     assert_eq!(report.records, users * per_user);
 }
+
+/// The sender's copy is queued by the store behind the recipient's item, on the same shard or
+/// through another shard's inbox; it carries the recipient's offset, is skipped for a
+/// duplicate, and both read back (payload from the file) after a restart.
+#[tokio::test]
+async fn append_with_copy_same_and_other_shard() {
+    use crate::CopyTo;
+    let dir = TempDir::new().unwrap();
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    let shards = config(dir.path()).shards;
+    assert!(
+        users
+            .iter()
+            .any(|u| shard_of(u, shards) != shard_of(&users[0], shards)),
+        "the users cover both shards"
+    );
+    let s = open(dir.path());
+    let mut expected = Vec::new();
+    for (round, id) in ["m1", "m2", "m1"].into_iter().enumerate() {
+        for to in &users[1..] {
+            let item = chat(&users[0], to, id);
+            let copy = CopyTo {
+                user: users[0].clone(),
+                item: NewItem {
+                    dedupe: false,
+                    ..item.clone()
+                },
+            };
+            let (p, c) = s
+                .enqueue_append_with_copy(to, item, copy)
+                .await
+                .expect("enqueue");
+            let stored = p.wait().await.expect("append");
+            let copied = c.wait().await.expect("copy");
+            if round == 2 {
+                assert!(
+                    stored.duplicate && copied.duplicate,
+                    "a resend copies nothing"
+                );
+            } else {
+                assert!(!stored.duplicate && !copied.duplicate && copied.offset > 0);
+                expected.push((to.clone(), id, stored.offset, copied.offset));
+            }
+        }
+    }
+    s.shutdown().await;
+    let s = open(dir.path());
+    let own = s
+        .read(
+            &users[0],
+            ReadRequest {
+                device: "d".into(),
+                partition: Partition::Chat,
+                peer: Some(users[0].clone()),
+                start: Some(1),
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(own.items.len(), expected.len(), "one copy per message");
+    for (to, id, offset, copy_offset) in expected {
+        let r = s.read(&to, read_chat("d", &users[0])).await.unwrap();
+        let it = r.items.iter().find(|i| i.offset == offset).expect("item");
+        assert_eq!(it.message_id, id);
+        assert_eq!(it.payload, Bytes::from(format!("payload of {id}")));
+        let c = own
+            .items
+            .iter()
+            .find(|i| i.offset == copy_offset)
+            .expect("copy");
+        assert_eq!((c.to.as_str(), c.peer_offset), (to.as_str(), offset));
+        assert_eq!(c.payload, it.payload);
+    }
+}
