@@ -198,10 +198,19 @@ pub struct StoreSettings {
     pub max_queue_items: usize,
 }
 
+/// One store writer per two cores (at least one, at most eight): each message's two appends
+/// (recipient, sender's copy) then usually share a group commit, and on small machines the
+/// writers do not compete with the network workers for the cores.
+pub fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() / 2)
+        .clamp(1, 8)
+}
+
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
-            shards: 4,
+            shards: default_shards(),
             max_open_files: 1024,
             cache_users: 100_000,
             retention_secs: bimip_store::DEFAULT_RETENTION.as_secs(),

@@ -150,7 +150,8 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
             code,
             reason: reason.into(),
         })));
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT.min(conn.write_timeout), close).await;
+        let limit = CLOSE_WRITE_TIMEOUT.min(conn.write_timeout);
+        let _ = Box::pin(tokio::time::timeout(limit, close)).await;
     }
     awareness::unsubscribe_all(&state, conn_id, &conn.subscribed);
     if let Some(last_seen) = state.sessions.unregister(&conn.id.user, conn_id) {
@@ -159,7 +160,12 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
             awareness::disconnected(&state, conn.id.user.clone(), last_seen);
         } else {
             // Shutting down: the store closes once every connection is gone, so record now.
-            awareness::record_last_seen(&state, &conn.id.user, last_seen).await;
+            Box::pin(awareness::record_last_seen(
+                &state,
+                &conn.id.user,
+                last_seen,
+            ))
+            .await;
         }
     }
     state.metrics.connections.dec();
@@ -167,12 +173,26 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
 }
 
 impl Conn {
+    /// Greets (boxed: its state is large and only needed once, so it must not size the
+    /// future every idle connection keeps), then serves until the connection ends.
     async fn start(
         &mut self,
         tx: mpsc::Sender<Arc<Outbound>>,
         rx: mpsc::Receiver<Arc<Outbound>>,
         signal: Arc<ConnSignal>,
     ) -> End {
+        if let Err(end) = Box::pin(self.greet(tx, &signal)).await {
+            return end;
+        }
+        self.run_loop(rx, signal).await
+    }
+
+    /// Registers the connection, sends Welcome and the ONLINE fan-out.
+    async fn greet(
+        &mut self,
+        tx: mpsc::Sender<Arc<Outbound>>,
+        signal: &Arc<ConnSignal>,
+    ) -> Result<(), End> {
         let cfg = &self.state.config;
         let welcome = Frame::with(
             0,
@@ -202,10 +222,10 @@ impl Conn {
         // A revoke between the upgrade check and the registration above found nothing to close.
         if !self.state.revocations.allows(&self.id.user, self.id.iat) {
             self.state.metrics.disconnect("revoked");
-            return End::Close(1008, "revoked");
+            return Err(End::Close(1008, "revoked"));
         }
         if self.write_now(&welcome).await.is_err() {
-            return End::Gone;
+            return Err(End::Gone);
         }
         awareness::connected(&self.state, &self.id.user).await;
         match self
@@ -217,11 +237,11 @@ impl Conn {
             Ok(pending) => {
                 for f in fanout::frames(pending) {
                     if self.write(&f).await.is_err() {
-                        return End::Gone;
+                        return Err(End::Gone);
                     }
                 }
                 if self.flush().await.is_err() {
-                    return End::Gone;
+                    return Err(End::Gone);
                 }
             }
             Err(e) => {
@@ -229,7 +249,7 @@ impl Conn {
                 let _ = self.write_now(&Frame::error(0, r.code, r.message)).await;
             }
         }
-        self.run_loop(rx, signal).await
+        Ok(())
     }
 
     async fn run_loop(
@@ -277,14 +297,14 @@ impl Conn {
                         Ok(Message::Binary(data)) => {
                             let decoded = self.id.codec.decode_binary(&data);
                             let r = salvage_binary_ref(&data);
-                            if let Err(end) = self.on_frame(decoded, r).await {
+                            if let Err(end) = Box::pin(self.on_frame(decoded, r)).await {
                                 return end;
                             }
                         }
                         Ok(Message::Text(text)) => {
                             let decoded = self.id.codec.decode_text(text.as_str());
                             let r = salvage_json_ref(text.as_str());
-                            if let Err(end) = self.on_frame(decoded, r).await {
+                            if let Err(end) = Box::pin(self.on_frame(decoded, r)).await {
                                 return end;
                             }
                         }

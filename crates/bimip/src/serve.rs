@@ -117,7 +117,7 @@ pub struct ServeArgs {
     /// Most items kept per user queue, the oldest dropped first (0 = no limit) [default: 100000].
     #[arg(long, env = "BIMIP_MAX_QUEUE_ITEMS")]
     max_queue_items: Option<usize>,
-    /// Store writer threads (users are spread over them by hash) [default: 4].
+    /// Store writer threads (users are spread over them by hash) [default: half the cores, 1–8].
     #[arg(long, env = "BIMIP_STORE_SHARDS")]
     store_shards: Option<usize>,
     /// Print the effective settings as TOML (secrets redacted) and exit.

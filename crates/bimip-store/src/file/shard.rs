@@ -186,7 +186,7 @@ const MAX_BATCH: usize = 1024;
 
 /// Most profiles with advisory-only changes written per [`Cmd::Tick`], so a tick after a burst of
 /// disconnects does not stall the shard's queue work for long.
-const LAZY_PER_TICK: usize = 256;
+const LAZY_PER_TICK: usize = 32;
 
 pub(crate) struct ShardConfig {
     /// This shard's number, and every shard's inbox (indexed by number).
@@ -238,6 +238,8 @@ pub(crate) struct Shard {
     unsynced: HashSet<PathBuf>,
     /// With `FsyncMode::Never`: folders with renames since their last fsync, synced at shutdown.
     unsynced_dirs: HashSet<PathBuf>,
+    /// Folders that got a new user folder in this batch, synced with the batch's commit.
+    new_dirs: HashSet<PathBuf>,
     /// Decoded profiles, bounded like `users` (trimmed to `cache_users` after each batch).
     profiles: LruCache<String, StoredProfile>,
     /// Users whose cached profile has advisory changes (last seen) not yet written.
@@ -269,6 +271,7 @@ impl Shard {
             dirty: HashMap::new(),
             unsynced: HashSet::new(),
             unsynced_dirs: HashSet::new(),
+            new_dirs: HashSet::new(),
             profiles: LruCache::unbounded(),
             lazy: HashSet::new(),
             maint: Maintenance {
@@ -521,16 +524,32 @@ impl Shard {
         })
     }
 
-    /// Writes (durably) up to `limit` profiles with advisory changes only in memory.
+    /// Writes (durably) up to `limit` profiles with advisory changes only in memory, all in one
+    /// go (see [`profile::write_many`]): a burst of disconnects costs two syncs, not two per user.
     fn flush_lazy(&mut self, limit: usize) {
         let users: Vec<String> = self.lazy.iter().take(limit).cloned().collect();
+        let mut files = Vec::with_capacity(users.len());
+        let mut names = Vec::with_capacity(users.len());
         for user in users {
             self.lazy.remove(&user);
-            let Some(p) = self.profiles.peek(&user).cloned() else {
-                continue;
-            };
-            if let Err(e) = self.write_profile(&user, &p) {
-                tracing::error!(user, error = %e, "could not write a profile's last seen");
+            if let Some(p) = self.profiles.peek(&user) {
+                files.push((profile_path(&self.cfg.data_dir, &user), p.to_record()));
+                names.push(user);
+            }
+        }
+        if files.is_empty() {
+            return;
+        }
+        let sync = self.cfg.mode != FsyncMode::Never;
+        for (i, e) in profile::write_many(&self.cfg.data_dir, &files, sync) {
+            tracing::error!(user = names[i], error = %e, "could not write a profile's last seen");
+        }
+        if !sync {
+            for (path, _) in files {
+                if let Some(dir) = path.parent() {
+                    self.unsynced_dirs.insert(dir.to_path_buf());
+                }
+                self.unsynced.insert(path);
             }
         }
     }
@@ -582,8 +601,12 @@ impl Shard {
             && !dir.exists()
         {
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            // Made durable with the batch that writes the first line (see `commit`).
             if let Some(prefix) = dir.parent() {
-                super::recovery::sync_dir(prefix)?;
+                self.new_dirs.insert(prefix.to_path_buf());
+                if let Some(root) = prefix.parent() {
+                    self.new_dirs.insert(root.to_path_buf());
+                }
             }
         }
         OpenOptions::new()
@@ -690,7 +713,21 @@ impl Shard {
         // batch touching many users writes them all first and then syncs the filesystem once
         // (syncfs waits for every dirty page and the journal). Few files: fsync each.
         let written = dirty.values().filter(|d| !d.lines.is_empty()).count();
-        let one_sync = self.cfg.mode == FsyncMode::Batch && written >= SYNCFS_MIN_USERS;
+        let mut one_sync = self.cfg.mode == FsyncMode::Batch && written >= SYNCFS_MIN_USERS;
+        // New user folders: a syncfs covers them; otherwise each parent is synced once, before
+        // any answer, so an acknowledged line never sits in a file whose folder entry is lost
+        // (if that fails, the batch falls back to one syncfs, whose failure fails the batch).
+        let new_dirs = std::mem::take(&mut self.new_dirs);
+        if self.cfg.mode == FsyncMode::Never {
+            self.unsynced_dirs.extend(new_dirs);
+        } else if !one_sync {
+            for dir in new_dirs {
+                if let Err(e) = super::recovery::sync_dir(&dir) {
+                    tracing::error!(error = %e, "fsync of a new user folder failed");
+                    one_sync = self.cfg.mode == FsyncMode::Batch;
+                }
+            }
+        }
         let mut waiting: Vec<(String, Vec<Deferred>, usize)> = Vec::new();
         for (user, d) in dirty {
             if d.lines.is_empty() {
@@ -725,8 +762,7 @@ impl Shard {
         }
         if !waiting.is_empty() {
             let t = Instant::now();
-            let r = File::open(&self.cfg.data_dir)
-                .and_then(|dir| rustix::fs::syncfs(&dir).map_err(std::io::Error::from));
+            let r = profile::syncfs(&self.cfg.data_dir);
             fsync_time += t.elapsed();
             match r {
                 Ok(()) => {
