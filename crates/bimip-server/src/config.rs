@@ -232,7 +232,7 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             max_payload_bytes: 32 * 1024,
             outbox_frames: 256,
-            max_inflight: 64,
+            max_inflight: 256,
             max_http_body_bytes: 256 * 1024,
             store: StoreSettings::default(),
             presence: PresenceSettings::default(),

@@ -508,6 +508,24 @@ async fn users_due_at_start_are_compacted_in_the_background() {
     assert_eq!(offsets(&read_all(&s, "bob", "alice").await), vec![4]);
 }
 
+/// Every offset of the sink's queue from s0, s1 and s2, sorted.
+async fn read_sink(s: &FileStore) -> Vec<u64> {
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let req = ReadRequest {
+            device: "v".into(),
+            partition: Partition::Chat,
+            peer: Some(format!("s{i}")),
+            start: Some(1),
+            limit: 0,
+        };
+        let batch = s.read("sink", req).await.unwrap();
+        kept.extend(batch.items.iter().map(|i| i.offset));
+    }
+    kept.sort_unstable();
+    kept
+}
+
 /// Background compaction under a small queue limit while three senders append pipelined (with
 /// their own copies): the sink always keeps its newest items, without holes, also after a
 /// reopen.
@@ -565,25 +583,17 @@ async fn limit_under_load_keeps_the_newest_without_holes() {
         } else {
             s.clone()
         };
-        let mut kept = Vec::new();
-        for i in 0..3 {
-            let req = ReadRequest {
-                device: "v".into(),
-                partition: Partition::Chat,
-                peer: Some(format!("s{i}")),
-                start: Some(1),
-                limit: 0,
-            };
-            kept.extend(
-                s.read("sink", req)
-                    .await
-                    .unwrap()
-                    .items
-                    .iter()
-                    .map(|i| i.offset),
-            );
+        // Compaction of due users goes on in the background (one per batch or tick): read until
+        // two reads agree, so the check sees one state.
+        let mut kept = read_sink(&s).await;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let again = read_sink(&s).await;
+            if again == kept {
+                break;
+            }
+            kept = again;
         }
-        kept.sort_unstable();
         let min_kept = kept[0];
         let missing: Vec<u64> = acked
             .iter()
