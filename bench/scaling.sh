@@ -163,7 +163,7 @@ trap - EXIT
 
 {
   echo "<!-- bench/scaling.sh $STAMP; raw lines: ${RES#"$ROOT"/} -->"
-  ARGS=("$RES" --note "$(nproc) cores, commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), fsync=batch, loopback, open files $(ulimit -n) (hard $HARD)$([ $QUICK = 1 ] && echo ', --quick sizes')")
+  ARGS=("$RES" --note "$(nproc) cores, commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), fsync=batch, loopback, open files $(ulimit -n) (hard $HARD)$([ $QUICK = 1 ] && echo ', --quick sizes' || true)")
   for n in "${NOTES[@]}"; do ARGS+=(--note "$n"); done
   python3 "$SUMMARY" "${ARGS[@]}"
 } >"$TABLE"
