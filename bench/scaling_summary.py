@@ -17,26 +17,13 @@ fields of its "file store recovered" and "store opened" lines are added as `reco
 """
 import datetime
 import json
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from summarize import load  # noqa: E402  (the same JSON-lines reader as compare.sh's table)
+
 STARTUP_TARGET_S = 2.0
-
-
-def load(paths):
-    rows = []
-    for p in paths:
-        try:
-            with open(p) as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line:
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError:
-                            pass
-        except OSError as e:
-            print("(skipping %s: %s)" % (p, e), file=sys.stderr)
-    return rows
 
 
 def value(s):
