@@ -708,6 +708,8 @@ mod model {
         Append {
             from: usize,
             dup: bool,
+            /// Through `enqueue_append_with_copy`, with the sender's copy.
+            copy: bool,
         },
         Ack {
             device: usize,
@@ -724,7 +726,8 @@ mod model {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0..3usize, any::<bool>()).prop_map(|(from, dup)| Op::Append { from, dup }),
+            4 => (0..3usize, any::<bool>(), any::<bool>())
+                .prop_map(|(from, dup, copy)| Op::Append { from, dup, copy }),
             2 => (0..3usize, 0..3usize, any::<bool>(), 0..30u64)
                 .prop_map(|(device, from, read, up)| Op::Ack { device, from, read, up }),
             2 => (0..3usize, 0..3usize).prop_map(|(device, from)| Op::Read { device, from }),
@@ -741,6 +744,8 @@ mod model {
         items: Vec<(u64, usize, String)>,
         cursors: HashMap<(usize, usize, bool), u64>,
         count: usize,
+        /// Per sender: (peer offset, id) of its own copies, in order.
+        copies: HashMap<usize, Vec<(u64, String)>>,
     }
 
     impl Model {
@@ -772,9 +777,24 @@ mod model {
                 let mut m = Model::default();
                 for op in ops {
                     match op {
-                        Op::Append { from, dup } => {
+                        Op::Append { from, dup, copy } => {
                             let id = if dup && m.count > 0 { format!("m{}", m.count - 1) } else { format!("m{}", m.count) };
-                            let a = append(&s, "alice", chat(SENDERS[from], "alice", &id)).await;
+                            let item = chat(SENDERS[from], "alice", &id);
+                            let a = if copy {
+                                let c = crate::CopyTo {
+                                    user: SENDERS[from].into(),
+                                    item: NewItem { dedupe: false, ..item.clone() },
+                                };
+                                let (p, c) = s.enqueue_append_with_copy("alice", item, c).await.unwrap();
+                                let (a, c) = (p.wait().await.unwrap(), c.wait().await.unwrap());
+                                assert_eq!(c.duplicate, a.duplicate, "a copy only of what was stored");
+                                if !a.duplicate {
+                                    m.copies.entry(from).or_default().push((a.offset, id.clone()));
+                                }
+                                a
+                            } else {
+                                append(&s, "alice", item).await
+                            };
                             match m.items.iter().find(|(_, f, i)| *f == from && *i == id) {
                                 Some((off, _, _)) => {
                                     assert!(a.duplicate);
@@ -804,6 +824,20 @@ mod model {
                             let start = m.start(device, from);
                             let want: Vec<u64> = m.items.iter().filter(|(o, f, _)| *f == from && *o >= start).map(|x| x.0).collect();
                             assert_eq!(offsets(&r), want);
+                            // Payloads come back from the file, each the one of its own item.
+                            for it in &r.items {
+                                assert_eq!(it.payload, Bytes::from(format!("payload of {}", it.message_id)));
+                            }
+                            // The sender's own copies: in its queue, with the recipient's offset.
+                            let own = s.read(SENDERS[from], ReadRequest {
+                                device: "any".into(),
+                                partition: Partition::Chat,
+                                peer: Some(SENDERS[from].into()),
+                                start: Some(1),
+                                limit: 0,
+                            }).await.unwrap();
+                            let got: Vec<(u64, String)> = own.items.iter().map(|i| (i.peer_offset, i.message_id.clone())).collect();
+                            assert_eq!(&got, m.copies.get(&from).unwrap_or(&Vec::new()));
                         }
                         Op::Reopen => {
                             s.shutdown().await;
