@@ -22,7 +22,7 @@
 #               kernel dropped: each costs that login a 1 s retransmission)
 #
 # Connection counts above the open-files hard limit minus 500 are capped to it (the soft limit is
-# raised to the hard one); a capped point within 5 % of the previous one is skipped. Past 25k
+# raised to the hard one); a capped point within 5 % of the previous one is skipped. Past 12k
 # connections the bench spreads them over several 127.0.0.X source addresses by itself.
 # Writes bench/results/bimip-scaling-<stamp>.jsonl and bench/results/scaling-<stamp>.md (also
 # printed).

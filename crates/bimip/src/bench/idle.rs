@@ -2,7 +2,7 @@
 //! parallelism; logins/s, server RSS before and after a settle time, RSS per connection. Each
 //! connection keeps a reader (which also answers the server's heartbeat pings) until it is closed.
 //!
-//! The load generator needs an open-files limit above N (`ulimit -n`); past ~25k connections it
+//! The load generator needs an open-files limit above N (`ulimit -n`); past ~12k connections it
 //! spreads them over several 127.0.0.X source addresses (see `--source-addrs`).
 
 use super::stats::{mb, round, self_rss_kb};
