@@ -530,6 +530,15 @@ impl QueueStore for FileStore {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Two phases: once every shard has handled what was queued before the store closed,
+        // every sender's copy those commands hand another shard is in that shard's inbox; only
+        // then are the shards stopped, and each takes its inbox before it stops.
+        for shard in &self.inner.shards {
+            let (reply, rx) = oneshot::channel();
+            if shard.send(Cmd::Barrier { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
         for shard in &self.inner.shards {
             let (reply, rx) = oneshot::channel();
             if shard.send(Cmd::Shutdown { reply }).await.is_ok() {

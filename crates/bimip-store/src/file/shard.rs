@@ -68,6 +68,11 @@ pub(crate) enum Cmd {
     Tick,
     /// Another shard put commands into this shard's [`Inbox`].
     Wake,
+    /// Answered once every command queued before it has been handled (so every copy it hands
+    /// another shard is in that shard's inbox): the first phase of a shutdown.
+    Barrier {
+        reply: oneshot::Sender<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -89,7 +94,7 @@ impl Cmd {
             Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Compact { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Tick | Cmd::Wake => {}
-            Cmd::Shutdown { reply } => drop(reply.send(())),
+            Cmd::Barrier { reply } | Cmd::Shutdown { reply } => drop(reply.send(())),
         }
     }
 }
@@ -286,7 +291,10 @@ impl Shard {
     /// The thread's main loop: runs until shutdown or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         while let Some(first) = rx.blocking_recv() {
+            // Copies handed over by other shards first: at shutdown they are all here before
+            // the `Shutdown` command (see `FileStore::shutdown`), so none is refused.
             let mut batch = Vec::with_capacity(64);
+            self.inbox().drain_into(&mut batch);
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -294,7 +302,6 @@ impl Shard {
                     Err(_) => break,
                 }
             }
-            self.inbox().drain_into(&mut batch);
             let mut stop = None;
             let tick = batch.iter().any(|c| matches!(c, Cmd::Tick));
             for cmd in batch {
@@ -468,6 +475,10 @@ impl Shard {
                 false
             }
             Cmd::Wake => false,
+            Cmd::Barrier { reply } => {
+                let _ = reply.send(());
+                false
+            }
             Cmd::Shutdown { reply } => {
                 let _ = reply.send(());
                 false

@@ -964,3 +964,47 @@ async fn append_with_copy_same_and_other_shard() {
         assert_eq!(c.payload, it.payload);
     }
 }
+
+/// A shutdown while copies are on their way between shards refuses none of them: whatever
+/// recipient item was stored has its sender's copy stored too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_copies_in_flight_between_shards() {
+    use crate::CopyTo;
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (from, to) = (format!("a{i}"), format!("b{i}"));
+            let mut outcomes = Vec::new();
+            for n in 0..200 {
+                let item = chat(&from, &to, &format!("m{n}"));
+                let copy = CopyTo {
+                    user: from.clone(),
+                    item: NewItem {
+                        dedupe: false,
+                        ..item.clone()
+                    },
+                };
+                let Ok((p, c)) = s.enqueue_append_with_copy(&to, item, copy).await else {
+                    break;
+                };
+                outcomes.push((p.wait().await.is_ok(), c.wait().await.is_ok()));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.shutdown().await;
+    let mut stored = 0;
+    for t in tasks {
+        for (item, copy) in t.await.unwrap() {
+            if item {
+                stored += 1;
+                assert!(copy, "a stored item lost its sender's copy at shutdown");
+            }
+        }
+    }
+    assert!(stored > 0);
+}
