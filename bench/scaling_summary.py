@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from summarize import load  # noqa: E402  (the same JSON-lines reader as compare.sh's table)
+from summarize import g, load  # noqa: E402  (the same JSON-lines reader as compare.sh's table)
 
 STARTUP_TARGET_S = 2.0
 
@@ -76,15 +76,6 @@ def append(argv):
     with open(path, "a") as fh:
         fh.write(line + "\n")
     print(line)
-
-
-def g(r, path):
-    v = r
-    for k in path.split("."):
-        if not isinstance(v, dict):
-            return None
-        v = v.get(k)
-    return v
 
 
 def num(v):
