@@ -253,23 +253,8 @@ async fn compaction_and_dropped_unacknowledged_items_are_counted() {
         send(&mut alice, "quinn", &format!("q{i}"), "x").await;
     }
     eventually("compaction metrics", Duration::from_secs(15), || async {
-        let text = http()
-            .get(s.http("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        value("bimip_store_compactions_total") >= 1.0
-            && value("bimip_store_dropped_unacknowledged_total") >= 1.0
+        metric(&s, "bimip_store_compactions_total").await >= 1.0
+            && metric(&s, "bimip_store_dropped_unacknowledged_total").await >= 1.0
     })
     .await;
 }

@@ -222,15 +222,7 @@ async fn revoke_closes_the_users_connections_and_refuses_its_tokens_also_after_a
     let (mut laptop, _) = s.online("alice", "laptop").await;
     let (mut bob, _) = s.online("bob", "phone").await;
     let started = std::time::Instant::now();
-    let r: serde_json::Value = http()
-        .post(s.http("/v1/users/alice/revoke"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = admin_post(&s, "/v1/users/alice/revoke").await;
     assert_eq!(r["closed"], 2, "{r}");
     let not_before = r["not_before"].as_i64().unwrap();
     for c in [&mut phone, &mut laptop] {
@@ -284,15 +276,7 @@ async fn kick_closes_one_device_and_an_expired_token_closes_its_connection() {
     let s = Server::start(&["--jwt-leeway-secs", "0"]);
     let (mut phone, _) = s.online("alice", "phone").await;
     let (mut laptop, _) = s.online("alice", "laptop").await;
-    let r: serde_json::Value = http()
-        .post(s.http("/v1/users/alice/devices/phone/kick"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = admin_post(&s, "/v1/users/alice/devices/phone/kick").await;
     assert_eq!(r["closed"], 1, "{r}");
     let close = wait_closed(&mut phone).await.expect("close frame");
     assert_eq!((close.code, close.reason.as_str()), (1008, "kicked"));

@@ -331,6 +331,37 @@ pub fn http() -> reqwest::Client {
 }
 
 /// Polls until `f` returns true (for eventually-true facts, never for timing assertions).
+/// The sum of the samples of a Prometheus metric (all label sets) on `/metrics`.
+#[allow(dead_code)]
+pub async fn metric(s: &Server, name: &str) -> f64 {
+    let text = http()
+        .get(s.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An admin POST (API key) to `path`, answered with a JSON body.
+#[allow(dead_code)]
+pub async fn admin_post(s: &Server, path: &str) -> serde_json::Value {
+    http()
+        .post(s.http(path))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,
