@@ -237,9 +237,11 @@ pub(crate) struct Shard {
     /// Unbounded during a batch (a dirty user must never be evicted and reloaded without its
     /// uncommitted lines), trimmed to `cache_users` after each commit.
     users: LruCache<String, UserQueue>,
-    files: LruCache<PathBuf, File>,
+    files: LruCache<FileKey, OpenFile>,
     dirty: HashMap<String, Dirty>,
-    /// With `FsyncMode::Never`: files written since their last fsync, synced at shutdown.
+    /// With `FsyncMode::Never`: queue files written since their last fsync, synced at shutdown.
+    unsynced_files: HashSet<FileKey>,
+    /// With `FsyncMode::Never`: other files (profiles) written since their last fsync.
     unsynced: HashSet<PathBuf>,
     /// With `FsyncMode::Never`: folders with renames since their last fsync, synced at shutdown.
     unsynced_dirs: HashSet<PathBuf>,
@@ -250,6 +252,28 @@ pub(crate) struct Shard {
     /// Users whose cached profile has advisory changes (last seen) not yet written.
     lazy: HashSet<String>,
     maint: Maintenance,
+}
+
+/// A cached append handle and the file's length as this shard last left it (the shard is the
+/// only writer), so a commit needs no `fstat` to know where a rollback would cut back to.
+struct OpenFile {
+    file: File,
+    len: u64,
+    path: PathBuf,
+}
+
+/// Which of a user's two queue files a cached handle is. Handles are looked up by user, not by
+/// path: a path costs a SHA-256 and four allocations to build, and is built only to open.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum FileKind {
+    Queue,
+    Index,
+}
+
+type FileKey = (String, FileKind);
+
+fn file_key(user: &str, kind: FileKind) -> FileKey {
+    (user.to_string(), kind)
 }
 
 /// Gets a user's state, loading it from its files on first touch.
@@ -274,6 +298,7 @@ impl Shard {
             users: LruCache::unbounded(),
             files: LruCache::new(cap),
             dirty: HashMap::new(),
+            unsynced_files: HashSet::new(),
             unsynced: HashSet::new(),
             unsynced_dirs: HashSet::new(),
             new_dirs: HashSet::new(),
@@ -577,9 +602,9 @@ impl Shard {
             self.commit();
         }
         user_state(&mut self.users, &self.cfg.data_dir, user)?;
-        let path = queue_path(&self.cfg.data_dir, user);
-        let file = if path.exists() {
-            Some(self.take_file(&path)?)
+        let key = file_key(user, FileKind::Queue);
+        let file = if self.files.contains(&key) || queue_path(&self.cfg.data_dir, user).exists() {
+            Some(self.take_file(&key)?)
         } else {
             None
         };
@@ -587,6 +612,7 @@ impl Shard {
             use std::os::unix::fs::FileExt;
             let f = file
                 .as_ref()
+                .map(|o| &o.file)
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
             let mut buf = vec![0u8; len];
             f.read_exact_at(&mut buf, pos)?;
@@ -597,17 +623,18 @@ impl Shard {
             None => Err(StoreError::Invalid("user state vanished".into())),
         };
         if let Some(file) = file {
-            self.put_file(path, file);
+            self.put_file(key, file);
         }
         r
     }
 
     /// Takes a file handle out of the LRU (opening it if needed) so it cannot be closed while
     /// in use; [`Self::put_file`] gives it back.
-    fn take_file(&mut self, path: &Path) -> Result<File, StoreError> {
-        if let Some(f) = self.files.pop(path) {
+    fn take_file(&mut self, key: &FileKey) -> Result<OpenFile, StoreError> {
+        if let Some(f) = self.files.pop(key) {
             return Ok(f);
         }
+        let path = self.path_of(key);
         if let Some(dir) = path.parent()
             && !dir.exists()
         {
@@ -620,17 +647,26 @@ impl Shard {
                 }
             }
         }
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
-            .open(path)
-            .map_err(|e| io_err(path, e))
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        Ok(OpenFile { file, len, path })
     }
 
-    fn put_file(&mut self, path: PathBuf, f: File) {
+    fn path_of(&self, key: &FileKey) -> PathBuf {
+        match key.1 {
+            FileKind::Queue => queue_path(&self.cfg.data_dir, &key.0),
+            FileKind::Index => index_path(&self.cfg.data_dir, &key.0),
+        }
+    }
+
+    fn put_file(&mut self, key: FileKey, f: OpenFile) {
         // Evicting drops (closes) the least recently used handle: the fd bound.
-        self.files.push(path, f);
+        self.files.push(key, f);
     }
 
     /// Writes and fsyncs one user's new lines; on failure rolls both files back.
@@ -641,32 +677,28 @@ impl Shard {
         fsync_time: &mut Duration,
         sync: bool,
     ) -> Result<bool, StoreError> {
-        let mut open: Vec<(PathBuf, File, u64)> = Vec::with_capacity(2);
+        let mut open: Vec<(FileKey, OpenFile, u64)> = Vec::with_capacity(2);
         let targets = [
-            (queue_path(&self.cfg.data_dir, user), &lines.queue),
-            (index_path(&self.cfg.data_dir, user), &lines.index),
+            (FileKind::Queue, &lines.queue),
+            (FileKind::Index, &lines.index),
         ];
         let mut result: Result<bool, StoreError> = Ok(false);
-        for (path, buf) in targets {
+        for (kind, buf) in targets {
             if buf.is_empty() {
                 continue;
             }
-            let mut f = match self.take_file(&path) {
+            let key = file_key(user, kind);
+            let mut f = match self.take_file(&key) {
                 Ok(f) => f,
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             };
-            let before = match f.metadata() {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    result = Err(io_err(&path, e));
-                    break;
-                }
-            };
-            let w = write_checked(&mut f, &path, buf);
-            open.push((path.clone(), f, before));
+            let before = f.len;
+            let w = write_checked(&mut f.file, &f.path, buf);
+            f.len += buf.len() as u64;
+            open.push((key, f, before));
             if let Err(e) = w {
                 result = Err(e);
                 break;
@@ -676,34 +708,36 @@ impl Shard {
             // The caller syncs the whole batch at once (see `commit`).
             result = Ok(false);
         } else if result.is_ok() && self.cfg.mode != FsyncMode::Never {
-            for (path, f, _) in &open {
+            for (_, f, _) in &open {
                 let t = Instant::now();
-                let r = f.sync_data();
+                let r = f.file.sync_data();
                 *fsync_time += t.elapsed();
                 if let Err(e) = r {
-                    result = Err(io_err(path, e));
+                    result = Err(io_err(&f.path, e));
                     break;
                 }
                 result = Ok(true);
             }
         } else if result.is_ok() {
-            for (path, _, _) in &open {
-                self.unsynced.insert(path.clone());
+            for (key, _, _) in &open {
+                if !self.unsynced_files.contains(key) {
+                    self.unsynced_files.insert(key.clone());
+                }
             }
         }
         match result {
             Ok(synced) => {
-                for (path, f, _) in open {
-                    self.put_file(path, f);
+                for (key, f, _) in open {
+                    self.put_file(key, f);
                 }
                 Ok(synced)
             }
             Err(e) => {
                 // Nothing half-written stays: cut back to the pre-batch length and forget the
                 // handles (reopened next time).
-                for (path, f, before) in open {
-                    if let Err(te) = f.set_len(before).and_then(|()| f.sync_data()) {
-                        tracing::error!(file = %path.display(), error = %te, "could not roll back a failed write");
+                for (_, f, before) in open {
+                    if let Err(te) = f.file.set_len(before).and_then(|()| f.file.sync_data()) {
+                        tracing::error!(file = %f.path.display(), error = %te, "could not roll back a failed write");
                     }
                 }
                 Err(e)
@@ -890,8 +924,8 @@ impl Shard {
         let qp = queue_path(&self.cfg.data_dir, user);
         let ip = index_path(&self.cfg.data_dir, user);
         // The append handles would keep writing to the replaced files.
-        self.files.pop(&qp);
-        self.files.pop(&ip);
+        self.files.pop(&file_key(user, FileKind::Queue));
+        self.files.pop(&file_key(user, FileKind::Index));
         let mut result = Ok(());
         if c.queue_changed {
             result = replace_file(&qp, &c.queue);
@@ -954,11 +988,25 @@ impl Shard {
 
     /// Fsyncs what `FsyncMode::Never` left unsynced (at shutdown: "fsyncs everything").
     fn sync_unsynced(&mut self) {
-        for path in std::mem::take(&mut self.unsynced) {
-            let r = match self.files.peek(&path) {
-                Some(f) => f.sync_data(),
-                None => File::open(&path).and_then(|f| f.sync_data()),
+        for key in std::mem::take(&mut self.unsynced_files) {
+            let r = match self.files.peek(&key) {
+                Some(f) => f.file.sync_data(),
+                None => {
+                    let path = self.path_of(&key);
+                    // Compaction may have replaced (and synced) the file, or removed the user.
+                    match File::open(&path) {
+                        Ok(f) => f.sync_data(),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
             };
+            if let Err(e) = r {
+                tracing::error!(user = key.0, error = %e, "fsync at shutdown failed");
+            }
+        }
+        for path in std::mem::take(&mut self.unsynced) {
+            let r = File::open(&path).and_then(|f| f.sync_data());
             if let Err(e) = r {
                 tracing::error!(file = %path.display(), error = %e, "fsync at shutdown failed");
             }
