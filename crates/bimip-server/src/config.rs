@@ -211,7 +211,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
             shards: default_shards(),
-            max_open_files: 1024,
+            max_open_files: 4096,
             cache_users: 100_000,
             retention_secs: bimip_store::DEFAULT_RETENTION.as_secs(),
             max_queue_items: bimip_store::DEFAULT_MAX_QUEUE_ITEMS,

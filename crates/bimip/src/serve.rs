@@ -158,6 +158,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     config.validate()?;
+    fit_open_files(&mut config);
     let listener = bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -173,6 +174,50 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     bimip_server::run(listener, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Descriptors kept free for listeners, HTTP clients, compaction and profile temp files, syncfs.
+const SPARE_FILES: u64 = 1024;
+
+/// Raises the open-files soft limit to the hard limit (the soft default, often 1024, is far too
+/// low for a server holding one descriptor per connection), then makes the store's handle cache
+/// fit in it: at most a quarter of the limit, so connections keep the rest. Warns when the limit
+/// cannot hold `max_connections` as well.
+fn fit_open_files(config: &mut Config) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-files limit");
+            return;
+        }
+    };
+    let store = &mut config.store;
+    let cap = usize::try_from(limit / 4)
+        .unwrap_or(usize::MAX)
+        .max(2 * store.shards);
+    if store.max_open_files > cap {
+        tracing::warn!(
+            limit,
+            configured = store.max_open_files,
+            used = cap,
+            "store.max_open_files lowered to a quarter of the open-files limit (raise LimitNOFILE / ulimit -n)"
+        );
+        store.max_open_files = cap;
+    }
+    let needed = u64::from(config.limits.max_connections)
+        .saturating_add(store.max_open_files as u64)
+        .saturating_add(SPARE_FILES);
+    if limit < needed {
+        let connections = limit.saturating_sub(store.max_open_files as u64 + SPARE_FILES);
+        tracing::info!(
+            limit,
+            connections,
+            max_connections = config.limits.max_connections,
+            "the open-files limit holds about this many connections, fewer than max_connections (docs/OPERATIONS.md §13)"
+        );
+    } else {
+        tracing::debug!(limit, "open-files limit");
+    }
 }
 
 /// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`): a

@@ -1,6 +1,6 @@
 //! Abuse limits with the real binary: frame rate (RATE_LIMITED, then 1008 for flooding),
 //! connections per user and in total (429/503 before the upgrade), slow readers (bounded memory,
-//! closed, nothing lost), HTTP body size (JSON 413) and request timeouts (JSON 503).
+//! closed, nothing lost), HTTP body size (JSON 413) and request timeouts (JSON 503), the open-files limit raised at start.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -326,4 +326,61 @@ async fn a_too_large_body_gets_a_json_413_and_a_stalled_request_a_json_503() {
     assert!(text.contains("\"code\":\"unavailable\""), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(metric(&s, "bimip_http_timeouts_total").await >= 1.0);
+}
+
+/// Started with a low soft open-files limit, the server raises it to the hard limit and keeps its
+/// store handle cache to a quarter of it (and says so), then serves as usual.
+#[tokio::test]
+async fn open_files_limit_is_raised_and_store_handles_fit_in_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 512 && ulimit -H -n 4000 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_bimip"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "info"])
+        .args(["--jwt-secret", SECRET, "--api-key", API_KEY, "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let mut out = BufReader::new(stdout).lines();
+    let listening = out.next().unwrap().unwrap();
+    assert!(listening.starts_with("bimip listening on"), "{listening}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(open_files, ["4000", "4000"], "{limits}");
+    let mut logged = String::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        logged.push_str(&line);
+        logged.push('\n');
+        if line.contains("listening") || line.contains("store opened") {
+            break;
+        }
+    }
+    assert!(
+        logged.contains("store.max_open_files lowered") && logged.contains("used=1000"),
+        "{logged}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

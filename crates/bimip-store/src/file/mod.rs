@@ -137,7 +137,7 @@ impl StoreConfig {
             shards: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .clamp(1, 8),
-            max_open_files: 1024,
+            max_open_files: 4096,
             cache_users: 100_000,
             repair: false,
             retention: DEFAULT_RETENTION,
