@@ -181,10 +181,12 @@ pub async fn start_send(
             .devices;
         if let Some(copy) = copy {
             let copy = copy.wait().await?;
-            delivered += state
-                .sessions
-                .deliver(&req.from, &message(copy.offset), req.conn)
-                .devices;
+            if state.sessions.has_other(&req.from, req.conn) {
+                delivered += state
+                    .sessions
+                    .deliver(&req.from, &message(copy.offset), req.conn)
+                    .devices;
+            }
         }
         state.metrics.messages_delivered.inc_by(delivered as u64);
         Ok(ack)

@@ -369,6 +369,14 @@ impl Sessions {
         d
     }
 
+    /// Whether `user` has an online connection other than `except` (a frame for it is only
+    /// built when there is someone to deliver it to).
+    pub fn has_other(&self, user: &str, except: Option<u64>) -> bool {
+        self.shard(user)
+            .get(user)
+            .is_some_and(|e| e.conns.iter().any(|c| Some(c.id) != except))
+    }
+
     pub fn snapshot(&self, user: &str) -> PresenceSnapshot {
         let shard = self.shard(user);
         match shard.get(user) {
