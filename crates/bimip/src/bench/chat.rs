@@ -186,9 +186,12 @@ async fn sender_task(
     mut stop: watch::Receiver<bool>,
 ) -> Writer {
     let mut seq = 0u64;
+    // One stop waiter for the task's life (a new one per turn costs a lock on the shared notifier).
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let cmd = tokio::select! {
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
             c = rx.recv() => match c { Some(c) => c, None => break },
         };
         let mut next = Some(cmd);
@@ -239,9 +242,11 @@ async fn sender_task(
 }
 
 async fn ack_task(sh: Arc<Shared>, mut r: Reader, mut stop: watch::Receiver<bool>) {
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let f = tokio::select! {
-            _ = stop.changed() => return,
+            _ = &mut stopped => return,
             f = r.recv() => f,
         };
         match f {
@@ -275,9 +280,11 @@ async fn receiver_task(
     refill: Option<mpsc::UnboundedSender<Cmd>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let f = tokio::select! {
-            _ = stop.changed() => return,
+            _ = &mut stopped => return,
             f = r.recv() => f,
         };
         let frame = match f {
