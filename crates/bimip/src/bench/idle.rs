@@ -44,9 +44,11 @@ pub async fn run(ctx: &Ctx, a: IdleArgs) -> anyhow::Result<()> {
         writers.push(w);
         let (alive, mut stop_rx) = (alive.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
+            let stopped = stop_rx.changed();
+            tokio::pin!(stopped);
             loop {
                 tokio::select! {
-                    _ = stop_rx.changed() => return,
+                    _ = &mut stopped => return,
                     f = r.recv() => if !matches!(f, Ok(Some(_))) {
                         alive.fetch_sub(1, Relaxed);
                         return;

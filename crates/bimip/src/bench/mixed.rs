@@ -181,9 +181,11 @@ pub async fn run(ctx: &Ctx, a: MixedArgs) -> anyhow::Result<()> {
         idle_writers.push(w);
         let mut stop_rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
+            let stopped = stop_rx.changed();
+            tokio::pin!(stopped);
             loop {
                 tokio::select! {
-                    _ = stop_rx.changed() => return,
+                    _ = &mut stopped => return,
                     f = r.recv() => if !matches!(f, Ok(Some(_))) { return },
                 }
             }
@@ -206,9 +208,11 @@ pub async fn run(ctx: &Ctx, a: MixedArgs) -> anyhow::Result<()> {
     {
         let (rc, mut stop_rx) = (rc.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
+            let stopped = stop_rx.changed();
+            tokio::pin!(stopped);
             loop {
                 let f = tokio::select! {
-                    _ = stop_rx.changed() => return,
+                    _ = &mut stopped => return,
                     f = pr.recv() => f,
                 };
                 match f {

@@ -53,9 +53,11 @@ fn status_of(i: usize) -> v1::Status {
 }
 
 async fn watcher(sh: Arc<Shared>, idx: usize, mut r: Reader, mut stop: watch::Receiver<bool>) {
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let f = tokio::select! {
-            _ = stop.changed() => return,
+            _ = &mut stopped => return,
             f = r.recv() => f,
         };
         let Ok(Some(f)) = f else { return };
@@ -123,9 +125,11 @@ pub async fn run(ctx: &Ctx, a: PresenceArgs) -> anyhow::Result<()> {
     {
         let mut stop_rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
+            let stopped = stop_rx.changed();
+            tokio::pin!(stopped);
             loop {
                 let f = tokio::select! {
-                    _ = stop_rx.changed() => return,
+                    _ = &mut stopped => return,
                     f = hr.recv() => f,
                 };
                 match f {
