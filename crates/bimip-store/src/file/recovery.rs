@@ -163,41 +163,202 @@ struct UserReport {
     compaction_due: bool,
 }
 
-/// Checks (and fixes) one file; returns its good records.
-fn recover_file<M: prost::Message + Default>(
+/// What recovery learns from a file's good records without keeping them (a million-line queue
+/// is checked in one pass over a small buffer instead of being decoded into memory whole).
+trait Tally<M> {
+    fn add(&mut self, rec: &M);
+    /// Forgets what was added (the slow path counts a repaired file again from the start).
+    fn reset(&mut self);
+}
+
+/// The queue file's share of [`compaction_candidate`].
+struct QueueTally<'a> {
+    user: &'a str,
+    /// Items older than this count as past the retention (None: no retention).
+    cutoff: Option<i64>,
+    records: u64,
+    items: u64,
+    /// An ACK record or an item marked acknowledged.
+    acks: bool,
+    old: bool,
+    old_own: bool,
+}
+
+impl Tally<QueueRecord> for QueueTally<'_> {
+    fn add(&mut self, r: &QueueRecord) {
+        self.records += 1;
+        if r.kind == QueueRecordKind::Ack as i32 || r.acknowledged {
+            self.acks = true;
+        }
+        if r.kind == QueueRecordKind::Item as i32 {
+            self.items += 1;
+            if self.cutoff.is_some_and(|c| r.timestamp < c) {
+                self.old = true;
+                self.old_own |= r.from == self.user;
+            }
+        }
+    }
+    fn reset(&mut self) {
+        *self = QueueTally {
+            user: self.user,
+            cutoff: self.cutoff,
+            records: 0,
+            items: 0,
+            acks: false,
+            old: false,
+            old_own: false,
+        };
+    }
+}
+
+/// The index file's share of [`compaction_candidate`]: records and distinct cursors (told apart
+/// by a hash of their key: a guess is all that is needed).
+#[derive(Default)]
+struct IndexTally {
+    records: u64,
+    keys: std::collections::HashSet<u64>,
+}
+
+impl Tally<IndexRecord> for IndexTally {
+    fn add(&mut self, r: &IndexRecord) {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        self.records += 1;
+        let key = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one((&r.device, r.partition, &r.from, r.kind));
+        self.keys.insert(key);
+    }
+    fn reset(&mut self) {
+        *self = IndexTally::default();
+    }
+}
+
+/// One pass over a file, line by line through a small buffer: good records go to `tally`. Stops
+/// at the first bad line that is not the last one (`clean` false).
+struct Scan {
+    good: u64,
+    /// The last line, when it is torn or corrupt: (line number, its start, reason).
+    torn: Option<(u64, u64, String)>,
+    clean: bool,
+}
+
+fn scan_file<M: prost::Message + Default>(
+    path: &Path,
+    mut semantic: impl FnMut(&M) -> Result<(), String>,
+    tally: &mut impl Tally<M>,
+) -> Result<Scan, StoreError> {
+    use std::io::{BufRead, BufReader};
+    let mut scan = Scan {
+        good: 0,
+        torn: None,
+        clean: true,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(scan);
+        }
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::with_capacity(1024);
+    let (mut number, mut pos) = (0u64, 0u64);
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| io_err(path, e))?;
+        if n == 0 {
+            return Ok(scan);
+        }
+        number += 1;
+        let start = pos;
+        pos += n as u64;
+        let result = match line.strip_suffix(b"\n") {
+            Some(bytes) => super::record::decode_line::<M>(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|rec| semantic(&rec).map(|()| rec)),
+            None => Err(super::record::LineError::Torn.to_string()),
+        };
+        match result {
+            Ok(rec) => {
+                tally.add(&rec);
+                scan.good += 1;
+            }
+            Err(reason) => {
+                let last = reader.fill_buf().map_err(|e| io_err(path, e))?.is_empty();
+                // A semantic error is never a torn write: it is reported as corruption.
+                if last && (!line.ends_with(b"\n") || decode_fails::<M>(&line)) {
+                    scan.torn = Some((number, start, reason));
+                } else {
+                    scan.clean = false;
+                }
+                return Ok(scan);
+            }
+        }
+    }
+}
+
+/// Whether a (terminated) line fails to decode, as opposed to decoding into a record that breaks
+/// the file's rules.
+fn decode_fails<M: prost::Message + Default>(line: &[u8]) -> bool {
+    let bytes = line.strip_suffix(b"\n").unwrap_or(line);
+    super::record::decode_line::<M>(bytes).is_err()
+}
+
+/// Checks (and fixes) one file, counting its good records into `tally`. Clean files (the usual
+/// case) take one streaming pass; a file with a bad line before its last one is read whole
+/// again to refuse the start or, with `repair`, to rewrite it without the bad lines.
+fn recover_file<M: prost::Message + Default, S: FnMut(&M) -> Result<(), String>>(
     path: &Path,
     repair: bool,
-    semantic: impl FnMut(&M) -> Result<(), String>,
+    semantic: impl Fn() -> S,
     report: &mut UserReport,
-) -> Result<Vec<M>, StoreError> {
-    let data = read_or_empty(path)?;
-    let checked = check::<M>(&data, semantic);
-    if let Some((line, reason)) = checked.bad.first() {
-        if !repair {
-            return Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                line: *line,
-                reason: reason.clone(),
-            });
+    tally: &mut impl Tally<M>,
+) -> Result<(), StoreError> {
+    let scan = scan_file(path, semantic(), tally)?;
+    let (good, torn) = if scan.clean {
+        if let Some((_, start, _)) = &scan.torn {
+            truncate(path, *start)?;
         }
-        rewrite(path, &data, &checked)?;
-        for (line, reason) in &checked.bad {
-            tracing::warn!(file = %path.display(), line, %reason, "repair: dropped a corrupt line");
-            report
-                .repaired
-                .push((path.to_path_buf(), *line, reason.clone()));
+        (scan.good, scan.torn)
+    } else {
+        tally.reset();
+        let data = read_or_empty(path)?;
+        let checked = check::<M>(&data, semantic());
+        if let Some((line, reason)) = checked.bad.first() {
+            if !repair {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: *line,
+                    reason: reason.clone(),
+                });
+            }
+            rewrite(path, &data, &checked)?;
+            for (line, reason) in &checked.bad {
+                tracing::warn!(file = %path.display(), line, %reason, "repair: dropped a corrupt line");
+                report
+                    .repaired
+                    .push((path.to_path_buf(), *line, reason.clone()));
+            }
+        } else if let Some((_, start, _)) = &checked.torn {
+            truncate(path, *start)?;
         }
-    } else if let Some((_, start, _)) = &checked.torn {
-        truncate(path, *start)?;
-    }
-    if let Some((line, _, reason)) = &checked.torn {
+        checked.good.iter().for_each(|(_, _, r)| tally.add(r));
+        (checked.good.len() as u64, checked.torn)
+    };
+    if let Some((line, _, reason)) = &torn {
         tracing::warn!(file = %path.display(), line, %reason, "cut off a torn or corrupt last line");
         report
             .truncated
             .push((path.to_path_buf(), *line, reason.clone()));
     }
-    report.records += checked.good.len() as u64;
-    Ok(checked.good.into_iter().map(|(_, _, r)| r).collect())
+    report.records += good;
+    Ok(())
 }
 
 /// Removes temporary files of a compaction that a crash interrupted before its rename (the
@@ -218,47 +379,20 @@ pub(super) fn remove_leftover_temps(data_dir: &Path, user: &str) -> Result<(), S
     Ok(())
 }
 
-/// A cheap guess from the records whether compaction has work for a user (the shard decides
+/// A cheap guess from the files whether compaction has work for a user (the shard decides
 /// precisely once the user is loaded): over the queue limit, many more lines than items or
 /// cursors, or items older than the retention while acknowledgements or own copies exist.
-fn compaction_candidate(
-    user: &str,
-    queue: &[QueueRecord],
-    index: &[IndexRecord],
-    limits: Limits,
-    now: i64,
-) -> bool {
-    let items = queue
-        .iter()
-        .filter(|r| r.kind == QueueRecordKind::Item as i32)
-        .count();
-    if limits.max_items > 0 && items > limits.max_items + limits.max_items / 8 {
+fn compaction_candidate(queue: &QueueTally<'_>, index: &IndexTally, limits: Limits) -> bool {
+    if limits.max_items > 0 && queue.items > (limits.max_items + limits.max_items / 8) as u64 {
         return true;
     }
-    if queue.len() as u64 > 3 * items as u64 + 1024 {
+    if queue.records > 3 * queue.items + 1024 {
         return true;
     }
-    if index.len() > 1024 {
-        let keys: std::collections::HashSet<_> = index
-            .iter()
-            .map(|r| (&r.device, r.partition, &r.from, r.kind))
-            .collect();
-        if index.len() > 4 * keys.len() + 1024 {
-            return true;
-        }
+    if index.records > 1024 && index.records > 4 * index.keys.len() as u64 + 1024 {
+        return true;
     }
-    if limits.retention_ms > 0 {
-        let cutoff = now - limits.retention_ms;
-        let acks = queue
-            .iter()
-            .any(|r| r.kind == QueueRecordKind::Ack as i32 || r.acknowledged);
-        return queue.iter().any(|r| {
-            r.kind == QueueRecordKind::Item as i32
-                && r.timestamp < cutoff
-                && (acks || r.from == user)
-        });
-    }
-    false
+    queue.old_own || (queue.acks && queue.old)
 }
 
 fn recover_user(
@@ -269,12 +403,27 @@ fn recover_user(
 ) -> Result<UserReport, StoreError> {
     let mut report = UserReport::default();
     remove_leftover_temps(data_dir, user)?;
+    let mut queue = QueueTally {
+        user,
+        cutoff: (limits.retention_ms > 0).then(|| bimip_proto::now_ms() - limits.retention_ms),
+        records: 0,
+        items: 0,
+        acks: false,
+        old: false,
+        old_own: false,
+    };
     let q = queue_path(data_dir, user);
-    let queue = recover_file::<QueueRecord>(&q, repair, queue_semantics(), &mut report)?;
+    recover_file(&q, repair, queue_semantics, &mut report, &mut queue)?;
+    let mut index = IndexTally::default();
     let i = index_path(data_dir, user);
-    let index = recover_file::<IndexRecord>(&i, repair, |_| Ok(()), &mut report)?;
-    report.compaction_due =
-        compaction_candidate(user, &queue, &index, limits, bimip_proto::now_ms());
+    recover_file(
+        &i,
+        repair,
+        || |_: &IndexRecord| Ok(()),
+        &mut report,
+        &mut index,
+    )?;
+    report.compaction_due = compaction_candidate(&queue, &index, limits);
     match super::profile::recover(data_dir, user, repair)? {
         super::profile::Recovered::Ok { records } => report.records += records,
         super::profile::Recovered::MovedAside(line, reason) => report.repaired.push((
@@ -490,4 +639,105 @@ pub(crate) fn inspect(data_dir: &Path, user: &str) -> Result<UserFiles, StoreErr
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Default)]
+    struct Count(u64);
+    impl Tally<QueueRecord> for Count {
+        fn add(&mut self, _: &QueueRecord) {
+            self.0 += 1;
+        }
+        fn reset(&mut self) {
+            self.0 = 0;
+        }
+    }
+
+    /// What a file is made of: good items (by offset), garbage lines, or an item whose offset
+    /// goes back (decodes, breaks the order).
+    #[derive(Debug, Clone)]
+    enum Part {
+        Item(u64),
+        Garbage(Vec<u8>),
+        Backwards,
+    }
+
+    fn part() -> impl Strategy<Value = Part> {
+        prop_oneof![
+            6 => (1u64..4).prop_map(Part::Item),
+            1 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(|mut g| {
+                g.retain(|&b| b != b'\n');
+                Part::Garbage(g)
+            }),
+            1 => Just(Part::Backwards),
+        ]
+    }
+
+    fn build(parts: &[Part], cut: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        let mut offset = 0u64;
+        for p in parts {
+            match p {
+                Part::Item(step) => {
+                    offset += step;
+                    let rec = QueueRecord {
+                        offset,
+                        kind: QueueRecordKind::Item as i32,
+                        from: "bob".into(),
+                        payload: vec![7u8; (offset % 50) as usize].into(),
+                        ..Default::default()
+                    };
+                    super::super::record::encode_line_into(&rec, &mut data);
+                }
+                Part::Garbage(g) => {
+                    data.extend_from_slice(g);
+                    data.push(b'\n');
+                }
+                Part::Backwards => {
+                    let rec = QueueRecord {
+                        offset: offset.saturating_sub(1),
+                        kind: QueueRecordKind::Item as i32,
+                        ..Default::default()
+                    };
+                    super::super::record::encode_line_into(&rec, &mut data);
+                }
+            }
+        }
+        let keep = data.len().saturating_sub(cut);
+        data.truncate(keep);
+        data
+    }
+
+    proptest! {
+        /// The streaming pass of recovery agrees with the whole-file check it replaces on the
+        /// usual path: same good count and torn tail when the file is clean, and "not clean"
+        /// exactly when the check finds a bad line before the last.
+        #[test]
+        fn streaming_scan_agrees_with_the_whole_file_check(
+            parts in proptest::collection::vec(part(), 0..30),
+            cut in prop_oneof![Just(0usize), 1usize..12],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("q.dat");
+            let data = build(&parts, cut);
+            std::fs::write(&path, &data).unwrap();
+            let checked = check::<QueueRecord>(&data, queue_semantics());
+            let mut count = Count::default();
+            let scan = scan_file::<QueueRecord>(&path, queue_semantics(), &mut count).unwrap();
+            prop_assert_eq!(scan.clean, checked.bad.is_empty());
+            if scan.clean {
+                prop_assert_eq!(scan.good, checked.good.len() as u64);
+                prop_assert_eq!(count.0, scan.good);
+                prop_assert_eq!(
+                    scan.torn.as_ref().map(|t| (t.0, t.1)),
+                    checked.torn.as_ref().map(|t| (t.0, t.1))
+                );
+            }
+        }
+    }
 }
