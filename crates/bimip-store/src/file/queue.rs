@@ -205,7 +205,12 @@ impl UserQueue {
         n
     }
 
-    fn apply_record(&mut self, rec: QueueRecord, pos: u64, len: u32) {
+    /// The file's length after loading its records one by one (see `recovery::load_user`).
+    pub(crate) fn set_queue_bytes(&mut self, queue_bytes: u64) {
+        self.queue_bytes = queue_bytes;
+    }
+
+    pub(crate) fn apply_record(&mut self, rec: QueueRecord, pos: u64, len: u32) {
         self.queue_records += 1;
         if rec.kind == QueueRecordKind::Mark as i32 {
             self.next_offset = self.next_offset.max(rec.offset.saturating_add(1));
@@ -234,7 +239,7 @@ impl UserQueue {
         self.insert(meta);
     }
 
-    fn apply_index(&mut self, rec: &IndexRecord) {
+    pub(crate) fn apply_index(&mut self, rec: &IndexRecord) {
         self.index_records += 1;
         let slot = self
             .cursors

@@ -232,25 +232,30 @@ impl Tally<IndexRecord> for IndexTally {
     }
 }
 
-/// One pass over a file, line by line through a small buffer: good records go to `tally`. Stops
-/// at the first bad line that is not the last one (`clean` false).
+/// What one streaming pass found in a file.
 struct Scan {
     good: u64,
     /// The last line, when it is torn or corrupt: (line number, its start, reason).
     torn: Option<(u64, u64, String)>,
-    clean: bool,
+    /// The first bad line before the last one (the pass stops there): (line number, reason).
+    bad: Option<(u64, String)>,
+    /// Bytes read.
+    len: u64,
 }
 
+/// One pass over a file, line by line through a 1 MB buffer: each good record goes to `each` with
+/// its line's start and length (without `\n`). Stops at the first bad line that is not the last.
 fn scan_file<M: prost::Message + Default>(
     path: &Path,
     mut semantic: impl FnMut(&M) -> Result<(), String>,
-    tally: &mut impl Tally<M>,
+    mut each: impl FnMut(u64, u32, M),
 ) -> Result<Scan, StoreError> {
     use std::io::{BufRead, BufReader};
     let mut scan = Scan {
         good: 0,
         torn: None,
-        clean: true,
+        bad: None,
+        len: 0,
     };
     let file = match File::open(path) {
         Ok(f) => f,
@@ -278,6 +283,7 @@ fn scan_file<M: prost::Message + Default>(
         number += 1;
         let start = pos;
         pos += n as u64;
+        scan.len = pos;
         let result = match line.strip_suffix(b"\n") {
             Some(bytes) => super::record::decode_line::<M>(bytes)
                 .map_err(|e| e.to_string())
@@ -286,7 +292,8 @@ fn scan_file<M: prost::Message + Default>(
         };
         match result {
             Ok(rec) => {
-                tally.add(&rec);
+                let len = u32::try_from(n - 1).unwrap_or(u32::MAX);
+                each(start, len, rec);
                 scan.good += 1;
             }
             Err(reason) => {
@@ -295,7 +302,7 @@ fn scan_file<M: prost::Message + Default>(
                 if last && (!line.ends_with(b"\n") || decode_fails::<M>(&line)) {
                     scan.torn = Some((number, start, reason));
                 } else {
-                    scan.clean = false;
+                    scan.bad = Some((number, reason));
                 }
                 return Ok(scan);
             }
@@ -320,8 +327,8 @@ fn recover_file<M: prost::Message + Default, S: FnMut(&M) -> Result<(), String>>
     report: &mut UserReport,
     tally: &mut impl Tally<M>,
 ) -> Result<(), StoreError> {
-    let scan = scan_file(path, semantic(), tally)?;
-    let (good, torn) = if scan.clean {
+    let scan = scan_file(path, semantic(), |_, _, r| tally.add(&r))?;
+    let (good, torn) = if scan.bad.is_none() {
         if let Some((_, start, _)) = &scan.torn {
             truncate(path, *start)?;
         }
@@ -558,54 +565,39 @@ pub(crate) fn recover(
     Ok(report)
 }
 
-/// Records of one file with their line's position and length, and the file's length.
-type Loaded<M> = (Vec<(u64, u32, M)>, u64);
-
-/// Decodes one file for the running store: each record with its line's position and length
-/// (without `\n`), and the file's length. A bad last line (a write that failed and could not
-/// be rolled back) is cut off so later appends start on a clean line; anything else is an error.
-fn load_file<M: prost::Message + Default>(path: &Path) -> Result<Loaded<M>, StoreError> {
-    let data = read_or_empty(path)?;
-    let checked = check::<M>(&data, |_| Ok(()));
-    if let Some((line, reason)) = checked.bad.first() {
+/// Streams one file's records into `each` for the running store, with their line's position and
+/// length (without `\n`); returns the file's length. A bad last line (a write that failed and
+/// could not be rolled back) is cut off so later appends start on a clean line; anything else is
+/// an error.
+fn load_file<M: prost::Message + Default>(
+    path: &Path,
+    each: impl FnMut(u64, u32, M),
+) -> Result<u64, StoreError> {
+    let scan = scan_file(path, |_| Ok(()), each)?;
+    if let Some((line, reason)) = scan.bad {
         return Err(StoreError::Corrupt {
             path: path.to_path_buf(),
-            line: *line,
-            reason: reason.clone(),
+            line,
+            reason,
         });
     }
-    let mut len = data.len() as u64;
-    if let Some((line, start, reason)) = &checked.torn {
+    if let Some((line, start, reason)) = &scan.torn {
         tracing::warn!(file = %path.display(), line, %reason, "cut off a torn last line");
         truncate(path, *start)?;
-        len = *start;
+        return Ok(*start);
     }
-    let records = checked
-        .good
-        .into_iter()
-        .map(|(_, range, r)| {
-            // `range` includes the line's `\n` (good lines are always terminated).
-            let line_len = range.len().saturating_sub(1);
-            (
-                range.start as u64,
-                u32::try_from(line_len).unwrap_or(u32::MAX),
-                r,
-            )
-        })
-        .collect();
-    Ok((records, len))
+    Ok(scan.len)
 }
 
-/// Loads one user's state from its files (empty when it has none).
+/// Loads one user's state from its files (empty when it has none), one line at a time.
 pub(crate) fn load_user(data_dir: &Path, user: &str) -> Result<UserQueue, StoreError> {
-    let (q, queue_bytes) = load_file::<QueueRecord>(&queue_path(data_dir, user))?;
-    let (i, _) = load_file::<IndexRecord>(&index_path(data_dir, user))?;
-    Ok(UserQueue::from_records(
-        user,
-        q,
-        queue_bytes,
-        i.into_iter().map(|(_, _, r)| r),
-    ))
+    let mut q = UserQueue::empty(user);
+    let queue_bytes = load_file::<QueueRecord>(&queue_path(data_dir, user), |pos, len, r| {
+        q.apply_record(r, pos, len)
+    })?;
+    q.set_queue_bytes(queue_bytes);
+    load_file::<IndexRecord>(&index_path(data_dir, user), |_, _, r| q.apply_index(&r))?;
+    Ok(q)
 }
 
 /// Decodes both files read-only, collecting undecodable lines.
@@ -728,9 +720,10 @@ mod tests {
             std::fs::write(&path, &data).unwrap();
             let checked = check::<QueueRecord>(&data, queue_semantics());
             let mut count = Count::default();
-            let scan = scan_file::<QueueRecord>(&path, queue_semantics(), &mut count).unwrap();
-            prop_assert_eq!(scan.clean, checked.bad.is_empty());
-            if scan.clean {
+            let scan = scan_file::<QueueRecord>(&path, queue_semantics(), |_, _, r| count.add(&r)).unwrap();
+            prop_assert_eq!(scan.bad.is_none(), checked.bad.is_empty());
+            prop_assert_eq!(scan.bad.as_ref().map(|b| b.0), checked.bad.first().map(|b| b.0));
+            if scan.bad.is_none() {
                 prop_assert_eq!(scan.good, checked.good.len() as u64);
                 prop_assert_eq!(count.0, scan.good);
                 prop_assert_eq!(
