@@ -8,7 +8,7 @@
 
 use crate::{
     config::PresencePolicy,
-    delivery::Refused,
+    error::Refused,
     sessions::{ConnHandle, Outbound},
     state::Shared,
 };
@@ -18,65 +18,13 @@ use bimip_proto::{
 };
 use bimip_store::{PresenceUpdate, Profile, ProfileStore};
 use std::{
-    collections::{BTreeSet, HashMap},
-    hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex},
+    collections::BTreeSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-const SHARDS: usize = 64;
 pub const TYPING_DEFAULT_TTL_MS: u32 = 5000;
 pub const TYPING_MAX_TTL_MS: u32 = 30_000;
-
-/// Subscribed connection id → (subscriber user, connection).
-type Subscribers = HashMap<u64, (Arc<str>, ConnHandle)>;
-type SubShard = Mutex<HashMap<Arc<str>, Subscribers>>;
-
-/// Live subscriptions of the `open` policy: target user → subscribed connections.
-pub struct Subscriptions {
-    shards: Box<[SubShard]>,
-    hasher: RandomState,
-}
-
-impl Default for Subscriptions {
-    fn default() -> Self {
-        Subscriptions {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
-        }
-    }
-}
-
-impl Subscriptions {
-    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Subscribers>> {
-        let i = self.hasher.hash_one(user) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn add(&self, target: &str, subscriber: &Arc<str>, conn: &ConnHandle) {
-        self.shard(target)
-            .entry(Arc::from(target))
-            .or_default()
-            .insert(conn.id, (subscriber.clone(), conn.clone()));
-    }
-
-    pub fn remove(&self, target: &str, conn_id: u64) {
-        let mut shard = self.shard(target);
-        if let Some(m) = shard.get_mut(target) {
-            m.remove(&conn_id);
-            if m.is_empty() {
-                shard.remove(target);
-            }
-        }
-    }
-
-    fn subscribers(&self, target: &str) -> Vec<(Arc<str>, ConnHandle)> {
-        self.shard(target)
-            .get(target)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
-    }
-}
 
 fn awareness_frame(a: v1::Awareness) -> Arc<Outbound> {
     Outbound::new(v1::Frame::with(0, Body::Awareness(a)))
@@ -96,7 +44,7 @@ async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Out
     let recipients: BTreeSet<String> = profile.watchers();
     let mut delivered = 0;
     if state.config.presence.policy == PresencePolicy::Open {
-        for (subscriber, conn) in state.presence.subs.subscribers(user) {
+        for (subscriber, conn) in state.hub.subscribers(user) {
             // A subscriber that is also a watcher gets it once, on every device, below.
             if recipients.contains(&*subscriber)
                 || profile.blocks.contains(&*subscriber)
@@ -111,7 +59,7 @@ async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Out
         if profile.blocks.contains(&r) || profile.blocked_by.contains(&r) || r == user {
             continue;
         }
-        delivered += state.sessions.deliver(&r, &frame, None).devices;
+        delivered += state.hub.deliver(&r, &frame, None).devices;
     }
     state
         .metrics
@@ -129,7 +77,7 @@ async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Out
 /// user was not announced online yet — not after a reconnect within the grace period, and not
 /// while invisible.
 pub async fn connected(state: &Shared, user: &Arc<str>) {
-    if !state.sessions.announce_online(user) {
+    if !state.hub.announce_online(user) {
         return;
     }
     let profile = match state.store.profile(user).await {
@@ -168,14 +116,19 @@ pub async fn record_last_seen(state: &Shared, user: &str, last_seen: i64) {
 /// records `last_seen` at once, then after the grace period, if the user is still gone,
 /// broadcasts OFFLINE.
 pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
-    let state = state.clone();
     let grace = Duration::from_millis(state.config.presence.grace_ms);
-    tokio::spawn(async move {
+    let cancelled = state.tasks.cancelled();
+    let state = state.clone();
+    state.clone().tasks.spawn(async move {
         record_last_seen(&state, &user, last_seen).await;
-        tokio::time::sleep(grace).await;
+        // At shutdown every user goes; nobody is left to tell.
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = cancelled => return,
+        }
         // A little less than the grace: the timer never fires early, and the clocks differ.
         let min_gone = grace.as_millis() as i64 - 5;
-        let Some(last_seen) = state.sessions.announce_offline(&user, min_gone) else {
+        let Some(last_seen) = state.hub.announce_offline(&user, min_gone) else {
             return;
         };
         let profile = match state.store.profile(&user).await {
@@ -286,7 +239,7 @@ pub async fn set_state(
         timestamp: now,
         ..Default::default()
     });
-    state.sessions.deliver(user, &own, Some(conn_id));
+    state.hub.deliver(user, &own, Some(conn_id));
     match persist.await {
         Ok(r) => r.map(|_| ()).map_err(Refused::from),
         Err(e) => Err(Refused::new(
@@ -363,7 +316,7 @@ pub async fn typing(
         timestamp: bimip_proto::now_ms(),
         ..Default::default()
     });
-    let n = state.sessions.deliver(&a.to, &frame, None).devices;
+    let n = state.hub.deliver(&a.to, &frame, None).devices;
     state
         .metrics
         .awareness_out(status_label(status as i32), n as u64);
@@ -378,7 +331,7 @@ pub async fn view(
     include_invisible: bool,
 ) -> Result<(v1::Awareness, usize), Refused> {
     let profile = state.store.profile(user).await?;
-    let live = state.sessions.snapshot(user);
+    let live = state.hub.snapshot(user);
     let hidden_by_block = viewer.is_some_and(|v| profile.blocks.contains(v));
     let hidden = hidden_by_block || (profile.invisible && !include_invisible);
     let mut a = v1::Awareness {
@@ -430,7 +383,7 @@ pub async fn subscribe(
     if s.unsubscribe {
         for u in &s.users {
             if subscribed.remove(u) {
-                state.presence.subs.remove(u, conn.id);
+                state.hub.unsubscribe(u, conn.id);
                 state.metrics.subscriptions.dec();
             }
         }
@@ -466,7 +419,7 @@ pub async fn subscribe(
             && state.config.presence.policy == PresencePolicy::Open
             && subscribed.insert(target.clone())
         {
-            state.presence.subs.add(target, user, conn);
+            state.hub.subscribe(target, user, conn);
             state.metrics.subscriptions.inc();
         }
     }
@@ -482,15 +435,9 @@ pub async fn subscribe(
 /// Removes every subscription of a closing connection.
 pub fn unsubscribe_all(state: &Shared, conn_id: u64, subscribed: &BTreeSet<String>) {
     for u in subscribed {
-        state.presence.subs.remove(u, conn_id);
+        state.hub.unsubscribe(u, conn_id);
         state.metrics.subscriptions.dec();
     }
-}
-
-/// The awareness component of the server state.
-#[derive(Default)]
-pub struct Presence {
-    pub subs: Subscriptions,
 }
 
 pub fn status_label(status: i32) -> &'static str {

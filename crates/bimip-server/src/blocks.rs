@@ -2,8 +2,7 @@
 //! trip to the store on every message. Blocks change only through [`crate::api`], which refreshes
 //! the entry after the store applied the change.
 
-use crate::state::Shared;
-use bimip_store::{ProfileStore, StoreError};
+use bimip_store::{ProfileStore, Store, StoreError};
 use std::{
     collections::{BTreeSet, HashMap},
     hash::{BuildHasher, RandomState},
@@ -45,13 +44,13 @@ impl BlockCache {
     }
 
     /// Whether `user` blocks `other`.
-    pub async fn blocks(state: &Shared, user: &str, other: &str) -> Result<bool, StoreError> {
-        let cached = state.blocks.shard(user).get(user).cloned();
+    pub async fn blocks(&self, store: &Store, user: &str, other: &str) -> Result<bool, StoreError> {
+        let cached = self.shard(user).get(user).cloned();
         let set = match cached {
             Some(s) => s,
             None => {
-                let s = Arc::new(state.store.profile(user).await?.blocks);
-                state.blocks.put(user, s.clone());
+                let s = Arc::new(store.profile(user).await?.blocks);
+                self.put(user, s.clone());
                 s
             }
         };
@@ -59,9 +58,9 @@ impl BlockCache {
     }
 
     /// Reloads `user`'s entry after its blocks changed.
-    pub async fn refresh(state: &Shared, user: &str) -> Result<(), StoreError> {
-        let s = Arc::new(state.store.profile(user).await?.blocks);
-        state.blocks.put(user, s);
+    pub async fn refresh(&self, store: &Store, user: &str) -> Result<(), StoreError> {
+        let s = Arc::new(store.profile(user).await?.blocks);
+        self.put(user, s);
         Ok(())
     }
 }

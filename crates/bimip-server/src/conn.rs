@@ -4,8 +4,9 @@
 
 use crate::{
     awareness,
-    delivery::{self, Refused, SendRequest},
-    fanout,
+    error::{Refused, error_label},
+    fanout, handlers,
+    limits::TokenBucket,
     sessions::{ConnHandle, ConnSignal, Disconnect, Outbound},
     state::Shared,
 };
@@ -13,9 +14,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bimip_proto::{
     Body,
     codec::{Codec, Encoded, salvage_json_ref},
-    v1::{self, ErrorCode, Frame, Partition, Status},
+    v1::{self, ErrorCode, Frame, Partition},
 };
-use bimip_store::{QueueStore, ReadRequest};
+use bimip_store::QueueStore;
 use futures_util::{SinkExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use tokio::{sync::mpsc, time::Instant};
@@ -37,34 +38,34 @@ pub struct ConnIdent {
 
 /// Most frames written to the socket before one flush.
 const WRITE_BATCH: usize = 64;
-const RESUME_DEFAULT_LIMIT: u32 = 100;
-const RESUME_MAX_LIMIT: u32 = 1000;
 /// Longest wait for the close frame to be written when the server ends a connection.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the loop ended.
-enum End {
+pub(crate) enum End {
     /// The peer closed or the socket failed; nothing more to send.
     Gone,
     /// We close with this code and reason.
     Close(u16, &'static str),
 }
 
-type Answer = BoxFuture<'static, Vec<Frame>>;
+pub(crate) type Answer = BoxFuture<'static, Vec<Frame>>;
 
-struct Conn {
-    state: Shared,
+/// One connection's state, owned by its task. The frame handlers (`handlers/`) work on it.
+pub(crate) struct Conn {
+    pub(crate) state: Shared,
     socket: WebSocket,
-    id: ConnIdent,
-    conn_id: u64,
-    inflight: FuturesOrdered<Answer>,
+    pub(crate) id: ConnIdent,
+    pub(crate) conn_id: u64,
+    /// Answers of requests in flight, in request order.
+    pub(crate) inflight: FuturesOrdered<Answer>,
     last_rx: Instant,
     last_ping: Instant,
     /// This connection's registry handle (subscriptions deliver through it).
-    handle: Option<ConnHandle>,
+    pub(crate) handle: Option<ConnHandle>,
     /// Users this connection subscribed to (open policy), removed when it closes.
-    subscribed: BTreeSet<String>,
-    typing: TokenBucket,
+    pub(crate) subscribed: BTreeSet<String>,
+    pub(crate) typing: TokenBucket,
     /// Rate limit of all data frames of this connection.
     frames: TokenBucket,
     /// Frames refused for the rate limit in the current one-second window.
@@ -75,42 +76,13 @@ struct Conn {
     signal: Arc<ConnSignal>,
     /// Set when a write was abandoned because the connection was told to close meanwhile.
     closing: Option<Disconnect>,
-}
-
-/// A token bucket: `rate` per second with a burst of `burst`.
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32) -> TokenBucket {
-        TokenBucket::with_burst(rate, rate)
-    }
-
-    fn with_burst(rate: u32, burst: u32) -> TokenBucket {
-        TokenBucket {
-            tokens: burst as f64,
-            rate: rate as f64,
-            burst: burst as f64,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+    /// The lowest offset of a chat message from another user routed to this connection in real
+    /// time (0 = none yet). If the connection is then lost (no clean close), the push pipeline
+    /// looks at what is unacknowledged from there on.
+    first_live_offset: u64,
+    /// The connection ended without a clean close: heartbeat timeout, reset, a failed or stuck
+    /// write, or a full outbox. Frames routed to it may not have reached the device.
+    lost: bool,
 }
 
 pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
@@ -139,6 +111,8 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
         expires,
         signal: signal.clone(),
         closing: None,
+        first_live_offset: 0,
+        lost: false,
     };
     let mut end = conn.start(tx, rx, signal).await;
     if let (End::Gone, Some(why)) = (&end, conn.closing) {
@@ -154,7 +128,13 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
         let _ = Box::pin(tokio::time::timeout(limit, close)).await;
     }
     awareness::unsubscribe_all(&state, conn_id, &conn.subscribed);
-    if let Some(last_seen) = state.sessions.unregister(&conn.id.user, conn_id) {
+    let last = state.hub.unregister(&conn.id.user, conn_id);
+    if conn.lost && conn.first_live_offset > 0 {
+        state
+            .hub
+            .connection_lost(&conn.id.user, &conn.id.device, conn.first_live_offset);
+    }
+    if let Some(last_seen) = last {
         state.metrics.users_online.dec();
         if state.is_accepting() {
             awareness::disconnected(&state, conn.id.user.clone(), last_seen);
@@ -216,7 +196,7 @@ impl Conn {
             signal: signal.clone(),
         };
         self.handle = Some(handle.clone());
-        if self.state.sessions.register(&self.id.user, handle) {
+        if self.state.hub.register(&self.id.user, handle) {
             self.state.metrics.users_online.inc();
         }
         // A revoke between the upgrade check and the registration above found nothing to close.
@@ -275,12 +255,16 @@ impl Conn {
                 why = &mut closed => {
                     if why == Disconnect::Slow {
                         self.state.metrics.slow_consumers.inc();
+                        self.lost = true;
                     }
                     self.state.metrics.disconnect(why.label());
                     return End::Close(why.code(), why.reason());
                 }
                 msg = self.socket.recv(), if self.inflight.len() < max_inflight => {
-                    let Some(msg) = msg else { return End::Gone };
+                    let Some(msg) = msg else {
+                        self.lost = true;
+                        return End::Gone;
+                    };
                     self.last_rx = Instant::now();
                     if matches!(msg, Ok(Message::Binary(_) | Message::Text(_))) && !self.frames.take() {
                         let r = match &msg {
@@ -297,14 +281,14 @@ impl Conn {
                         Ok(Message::Binary(data)) => {
                             let decoded = self.id.codec.decode_binary(&data);
                             let r = salvage_binary_ref(&data);
-                            if let Err(end) = Box::pin(self.on_frame(decoded, r)).await {
+                            if let Err(end) = Box::pin(handlers::on_frame(self, decoded, r)).await {
                                 return end;
                             }
                         }
                         Ok(Message::Text(text)) => {
                             let decoded = self.id.codec.decode_text(text.as_str());
                             let r = salvage_json_ref(text.as_str());
-                            if let Err(end) = Box::pin(self.on_frame(decoded, r)).await {
+                            if let Err(end) = Box::pin(handlers::on_frame(self, decoded, r)).await {
                                 return end;
                             }
                         }
@@ -314,7 +298,10 @@ impl Conn {
                             let _ = self.flush().await;
                             return End::Gone;
                         }
-                        Err(e) => return read_error(e),
+                        Err(e) => {
+                            self.lost = true;
+                            return read_error(e);
+                        }
                     }
                 }
                 Some(out) = rx.recv() => {
@@ -354,6 +341,7 @@ impl Conn {
                     }
                     if now >= self.last_rx + 2 * heartbeat {
                         tracing::debug!(user = %self.id.user, "heartbeat timeout");
+                        self.lost = true;
                         return End::Close(1001, "heartbeat timeout");
                     }
                     if now >= self.last_ping + heartbeat {
@@ -368,253 +356,8 @@ impl Conn {
         }
     }
 
-    /// Handles one decoded (or undecodable) frame. `Err` ends the connection.
-    async fn on_frame(
-        &mut self,
-        decoded: Result<Frame, bimip_proto::DecodeError>,
-        salvaged_ref: u64,
-    ) -> Result<(), End> {
-        let frame = match decoded {
-            Ok(f) => f,
-            Err(e) => {
-                self.state.metrics.frame_in("invalid");
-                return self
-                    .answer_now(Frame::error(
-                        salvaged_ref,
-                        ErrorCode::BadRequest,
-                        e.to_string(),
-                    ))
-                    .await;
-            }
-        };
-        self.state.metrics.frame_in(frame.kind());
-        let r = frame.r#ref;
-        let Some(body) = frame.body else {
-            return Ok(());
-        };
-        match body {
-            Body::Message(m) => {
-                let req = SendRequest {
-                    from: self.id.user.clone(),
-                    device: self.id.device.clone(),
-                    conn: Some(self.conn_id),
-                    to: m.to,
-                    id: m.id,
-                    partition: match Partition::try_from(m.partition) {
-                        Ok(Partition::Unspecified) => Partition::Chat,
-                        Ok(p) => p,
-                        Err(_) => Partition::Unspecified,
-                    },
-                    payload: m.payload,
-                    sender_copy: true,
-                };
-                if let Err(e) = req.validate(self.state.config.max_payload_bytes as usize) {
-                    return self.refuse(r, e).await;
-                }
-                match delivery::start_send(&self.state, req).await {
-                    Ok(fut) => self.inflight.push_back(Box::pin(async move {
-                        vec![match fut.await {
-                            Ok(ack) => Frame::with(r, Body::Ack(ack)),
-                            Err(e) => Frame::error(r, e.code, e.message),
-                        }]
-                    })),
-                    Err(e) => return self.refuse(r, e).await,
-                }
-            }
-            Body::Receipt(receipt) => {
-                let (state, user, device) = (
-                    self.state.clone(),
-                    self.id.user.clone(),
-                    self.id.device.clone(),
-                );
-                self.inflight.push_back(Box::pin(async move {
-                    match delivery::receipt(&state, &user, &device, receipt).await {
-                        Ok(next) if r != 0 => vec![Frame::with(
-                            r,
-                            Body::Ack(v1::Ack {
-                                offset: next,
-                                timestamp: bimip_proto::now_ms(),
-                                ..Default::default()
-                            }),
-                        )],
-                        Ok(_) => vec![],
-                        Err(e) => vec![Frame::error(r, e.code, e.message)],
-                    }
-                }));
-            }
-            Body::Awareness(a) => return self.on_awareness(r, a).await,
-            Body::Ping(p) => {
-                return self
-                    .answer_now(Frame::with(
-                        r,
-                        Body::Pong(v1::Pong {
-                            timestamp: p.timestamp,
-                        }),
-                    ))
-                    .await;
-            }
-            Body::Pong(_) => {}
-            Body::Subscribe(sub) => return self.on_subscribe(r, sub).await,
-            Body::PushToken(_) => {
-                return self
-                    .refuse(
-                        r,
-                        Refused::new(
-                            ErrorCode::Unavailable,
-                            "this frame kind is not enabled on this server version",
-                        ),
-                    )
-                    .await;
-            }
-            Body::Welcome(_)
-            | Body::Ack(_)
-            | Body::Batch(_)
-            | Body::Summary(_)
-            | Body::Error(_) => {
-                return self
-                    .refuse(
-                        r,
-                        Refused::bad("this frame kind is sent by the server only"),
-                    )
-                    .await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn on_subscribe(&mut self, r: u64, sub: v1::Subscribe) -> Result<(), End> {
-        let Some(handle) = self.handle.clone() else {
-            return Ok(());
-        };
-        match awareness::subscribe(
-            &self.state,
-            &self.id.user,
-            &handle,
-            &mut self.subscribed,
-            sub,
-        )
-        .await
-        {
-            Ok((snapshots, refusal)) => {
-                for a in snapshots {
-                    self.answer_now(Frame::with(r, Body::Awareness(a))).await?;
-                }
-                match refusal {
-                    Some(e) => self.refuse(r, e).await,
-                    None if r != 0 => self.answer_now(ack_frame(r)).await,
-                    None => Ok(()),
-                }
-            }
-            Err(e) => self.refuse(r, e).await,
-        }
-    }
-
-    async fn on_awareness(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
-        self.state
-            .metrics
-            .awareness_in(awareness::status_label(a.status));
-        match Status::try_from(a.status) {
-            Ok(Status::Resume) => self.resume(r, a).await,
-            Ok(s @ (Status::Online | Status::Away | Status::Busy | Status::Dnd)) => {
-                match awareness::set_state(&self.state, &self.id.user, self.conn_id, &a, s).await {
-                    Ok(()) if r != 0 => self.answer_now(ack_frame(r)).await,
-                    Ok(()) => Ok(()),
-                    Err(e) => self.refuse(r, e).await,
-                }
-            }
-            Ok(s @ (Status::Typing | Status::Recording)) => {
-                if !self.typing.take() {
-                    return self
-                        .refuse(
-                            r,
-                            Refused::new(
-                                ErrorCode::RateLimited,
-                                format!(
-                                    "at most {} TYPING/RECORDING frames per second",
-                                    self.state.config.presence.typing_per_second
-                                ),
-                            ),
-                        )
-                        .await;
-                }
-                match awareness::typing(&self.state, &self.id.user, &self.id.device, &a, s).await {
-                    Ok(_) => Ok(()),
-                    Err(e) => self.refuse(r, e).await,
-                }
-            }
-            Ok(Status::Unspecified) | Err(_) => {
-                self.refuse(r, Refused::bad("awareness status is missing or unknown"))
-                    .await
-            }
-            Ok(Status::Offline) => {
-                self.refuse(
-                    r,
-                    Refused::bad("OFFLINE is set by the server when the last device disconnects"),
-                )
-                .await
-            }
-        }
-    }
-
-    /// RESUME (status 8): every chat message from the peer past this device's cursor (or
-    /// `from_offset`), in batches of at most `limit`, until none remain.
-    async fn resume(&mut self, r: u64, a: v1::Awareness) -> Result<(), End> {
-        if let Err(e) = bimip_proto::validate_user_id(&a.to) {
-            return self
-                .refuse(
-                    r,
-                    Refused::bad(format!("RESUME needs the peer in `to`: {e}")),
-                )
-                .await;
-        }
-        // Answers to earlier requests (sends, receipts) go first: a RESUME after a receipt must
-        // see the receipt applied.
-        self.drain_inflight().await?;
-        let limit = match a.limit {
-            0 => RESUME_DEFAULT_LIMIT,
-            l => l.min(RESUME_MAX_LIMIT),
-        } as usize;
-        let mut start = (a.from_offset > 0).then_some(a.from_offset);
-        loop {
-            let page = self
-                .state
-                .store
-                .read(
-                    &self.id.user,
-                    ReadRequest {
-                        device: self.id.device.to_string(),
-                        partition: Partition::Chat,
-                        peer: Some(a.to.clone()),
-                        start,
-                        limit,
-                    },
-                )
-                .await;
-            let page = match page {
-                Ok(p) => p,
-                Err(e) => return self.refuse(r, Refused::from(e)).await,
-            };
-            let more = page.more;
-            let frame = Frame::with(
-                r,
-                Body::Batch(v1::Batch {
-                    partition: Partition::Chat as i32,
-                    contact: a.to.clone(),
-                    messages: page.items.iter().map(|i| i.to_message()).collect(),
-                    more,
-                    next_offset: page.next_offset,
-                    receipts: vec![],
-                }),
-            );
-            self.answer_now(frame).await?;
-            if !more {
-                return Ok(());
-            }
-            start = Some(page.next_offset);
-        }
-    }
-
-    async fn drain_inflight(&mut self) -> Result<(), End> {
+    /// Waits for every request in flight and writes its answers.
+    pub(crate) async fn drain_inflight(&mut self) -> Result<(), End> {
         while let Some(frames) = self.inflight.next().await {
             for f in &frames {
                 self.write(f).await.map_err(|_| End::Gone)?;
@@ -625,7 +368,7 @@ impl Conn {
 
     /// A frame over the rate limit: refused with RATE_LIMITED and its ref, not processed. Too
     /// many refusals within one second close the connection (1008).
-    async fn rate_limited(&mut self, r: u64) -> Result<(), End> {
+    pub(crate) async fn rate_limited(&mut self, r: u64) -> Result<(), End> {
         self.state.metrics.frames_rate_limited.inc();
         let now = Instant::now();
         if now.duration_since(self.flood.0) >= Duration::from_secs(1) {
@@ -646,13 +389,13 @@ impl Conn {
             .await
     }
 
-    async fn refuse(&mut self, r: u64, e: Refused) -> Result<(), End> {
+    pub(crate) async fn refuse(&mut self, r: u64, e: Refused) -> Result<(), End> {
         self.answer_now(Frame::error(r, e.code, e.message)).await
     }
 
     /// Sends a frame now, after the answers of requests still in flight (answers keep request
     /// order).
-    async fn answer_now(&mut self, frame: Frame) -> Result<(), End> {
+    pub(crate) async fn answer_now(&mut self, frame: Frame) -> Result<(), End> {
         if let Some(Body::Error(e)) = &frame.body {
             self.state.metrics.frame_error(error_label(e.code));
         }
@@ -693,6 +436,13 @@ impl Conn {
     }
 
     async fn feed(&mut self, out: &Outbound) -> Result<(), axum::Error> {
+        if let Some(Body::Message(m)) = &out.frame.body
+            && m.partition == Partition::Chat as i32
+            && (self.first_live_offset == 0 || m.offset < self.first_live_offset)
+            && *m.from != *self.id.user
+        {
+            self.first_live_offset = m.offset;
+        }
         let m = to_ws(out.encoded(self.id.codec).clone());
         let (t, sig) = (self.write_timeout, self.signal.clone());
         let r = guarded(&sig, t, self.socket.feed(m)).await;
@@ -707,6 +457,7 @@ impl Conn {
             Err(why) => {
                 if why == Disconnect::Slow {
                     self.state.metrics.slow_consumers.inc();
+                    self.lost = true;
                 }
                 self.state.metrics.disconnect(why.label());
                 self.closing = Some(why);
@@ -715,6 +466,9 @@ impl Conn {
                 )));
             }
         };
+        if !matches!(r, Ok(Ok(()))) {
+            self.lost = true;
+        }
         r.unwrap_or_else(|_| {
             tracing::debug!(user = %self.id.user, device = %self.id.device, "socket write timed out");
             self.state.metrics.disconnect("write_timeout");
@@ -758,7 +512,7 @@ fn expiry_instant(exp: i64, leeway: u64) -> Option<Instant> {
 }
 
 /// A bare Ack confirming a frame that has no other answer (receipts, awareness changes).
-fn ack_frame(r: u64) -> Frame {
+pub(crate) fn ack_frame(r: u64) -> Frame {
     Frame::with(
         r,
         Body::Ack(v1::Ack {
@@ -788,7 +542,7 @@ fn read_error(e: axum::Error) -> End {
 }
 
 /// The `ref` of an undecodable binary frame, if its first field can still be read.
-fn salvage_binary_ref(data: &[u8]) -> u64 {
+pub(crate) fn salvage_binary_ref(data: &[u8]) -> u64 {
     #[derive(Clone, PartialEq, prost::Message)]
     struct RefOnly {
         #[prost(uint64, tag = "1")]
@@ -797,18 +551,4 @@ fn salvage_binary_ref(data: &[u8]) -> u64 {
     <RefOnly as prost::Message>::decode(data)
         .map(|f| f.r#ref)
         .unwrap_or(0)
-}
-
-fn error_label(code: i32) -> &'static str {
-    match ErrorCode::try_from(code) {
-        Ok(ErrorCode::BadRequest) => "bad_request",
-        Ok(ErrorCode::Unauthorized) => "unauthorized",
-        Ok(ErrorCode::Forbidden) => "forbidden",
-        Ok(ErrorCode::NotFound) => "not_found",
-        Ok(ErrorCode::RateLimited) => "rate_limited",
-        Ok(ErrorCode::TooLarge) => "too_large",
-        Ok(ErrorCode::Unavailable) => "unavailable",
-        Ok(ErrorCode::Internal) => "internal",
-        _ => "unspecified",
-    }
 }

@@ -1,56 +1,19 @@
 //! The send and receipt paths shared by the WebSocket gateway and the HTTP API: validate, store
 //! durably, then deliver in real time (SPEC §3 "Send" and "Delivered / read").
 
-use crate::{sessions::Outbound, state::Shared};
+pub use crate::error::Refused;
+use crate::{hub::StoredItem, sessions::Outbound, state::Shared};
 use bimip_proto::{
     Body,
     v1::{self, ErrorCode, Partition, ReceiptKind},
 };
-use bimip_store::{AckRequest, CopyTo, NewItem, QueueStore, StoreError};
+use bimip_store::{AckRequest, CopyTo, NewItem, QueueStore};
 use bytes::Bytes;
 use prost::Message as _;
 use std::{future::Future, sync::Arc};
 
 /// Sender name used for messages the backend sends without a user (HTTP API).
 pub const SYSTEM_SENDER: &str = "system";
-
-/// A request that failed, with the wire error code to answer with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Refused {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl Refused {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refused {
-        Refused {
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn bad(message: impl Into<String>) -> Refused {
-        Refused::new(ErrorCode::BadRequest, message)
-    }
-}
-
-impl From<StoreError> for Refused {
-    fn from(e: StoreError) -> Refused {
-        match e {
-            StoreError::InvalidUser(u) => Refused::bad(format!("invalid user id {u:?}")),
-            StoreError::Invalid(m) => Refused::bad(m),
-            StoreError::Closed => Refused::new(ErrorCode::Unavailable, "server is shutting down"),
-            StoreError::Io { .. } => {
-                tracing::error!(error = %e, "store write failed");
-                Refused::new(ErrorCode::Unavailable, "storage unavailable, retry later")
-            }
-            StoreError::Corrupt { .. } => {
-                tracing::error!(error = %e, "store corruption");
-                Refused::new(ErrorCode::Internal, "storage error")
-            }
-        }
-    }
-}
 
 /// One message to store and deliver.
 #[derive(Debug, Clone)]
@@ -102,7 +65,10 @@ pub async fn start_send(
     req: SendRequest,
 ) -> Result<impl Future<Output = Result<v1::Ack, Refused>> + Send + 'static, Refused> {
     if *req.from != *SYSTEM_SENDER
-        && crate::blocks::BlockCache::blocks(state, &req.to, &req.from).await?
+        && state
+            .blocks
+            .blocks(&state.store, &req.to, &req.from)
+            .await?
     {
         return Err(Refused::new(
             ErrorCode::Forbidden,
@@ -171,19 +137,24 @@ pub async fn start_send(
         };
         // The recipient gets it as soon as it is durable in its queue; the sender's copy (for
         // its other devices) follows, and the Ack waits for both.
+        let item = StoredItem {
+            to: &req.to,
+            from: &req.from,
+            message_id: &req.id,
+            offset: stored.offset,
+            partition: req.partition,
+            payload: &req.payload,
+        };
         let mut delivered = state
-            .sessions
-            .deliver(
-                &req.to,
-                &message(stored.offset),
-                req.conn.filter(|_| to_self),
-            )
+            .hub
+            .deliver_stored(item, &message(stored.offset), req.conn.filter(|_| to_self))
+            .await
             .devices;
         if let Some(copy) = copy {
             let copy = copy.wait().await?;
-            if state.sessions.has_other(&req.from, req.conn) {
+            if state.hub.has_other(&req.from, req.conn) {
                 delivered += state
-                    .sessions
+                    .hub
                     .deliver(&req.from, &message(copy.offset), req.conn)
                     .devices;
             }
@@ -256,7 +227,7 @@ pub async fn receipt(
             partition: Partition::Chat as i32,
         };
         let frame = Outbound::new(v1::Frame::with(0, Body::Receipt(receipt.clone())));
-        let delivered = state.sessions.deliver(&peer, &frame, None);
+        let delivered = state.hub.deliver(&peer, &frame, None);
         if delivered.devices == 0 {
             let item = NewItem {
                 partition: Partition::Receipt,

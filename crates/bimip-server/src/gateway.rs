@@ -111,7 +111,8 @@ pub async fn upgrade(
         iat: identity.iat,
         slot: Some(slot),
     };
-    ws.on_upgrade(move |socket| conn::run(state, socket, ident))
+    let connections = state.connections.clone();
+    ws.on_upgrade(move |socket| connections.track_future(conn::run(state, socket, ident)))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -8,13 +8,18 @@ pub mod blocks;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod error;
 pub mod fanout;
 pub mod gateway;
+mod handlers;
+pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod revocations;
 pub mod sessions;
 pub mod state;
+pub mod subscriptions;
+pub mod tasks;
 pub mod tls;
 
 pub use config::Config;
@@ -92,7 +97,7 @@ pub async fn run(
         async move {
             shutdown.await;
             stopping.accepting.store(false, Ordering::Release);
-            stopping.sessions.close_all(sessions::Disconnect::Shutdown);
+            stopping.hub.close_all(sessions::Disconnect::Shutdown);
             stopped.notify_one();
         }
     };
@@ -133,10 +138,24 @@ pub async fn run(
             .await?;
         }
     }
-    // Upgraded WebSockets are not tracked by the HTTP server: wait for them to finish closing.
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    while state.metrics.connections.get() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Upgraded WebSockets are not tracked by the HTTP server: wait for their tasks to end, then
+    // for the background tasks (which the connections' ends may have started), then close the
+    // store they all write to.
+    state.connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, state.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.connections.len(),
+            "connections still closing at the shutdown limit"
+        );
+    }
+    if !state.tasks.shutdown(SHUTDOWN_GRACE).await {
+        tracing::warn!(
+            left = state.tasks.len(),
+            "background tasks still running at the shutdown limit; abandoned"
+        );
     }
     state.store.shutdown().await;
     tracing::info!("stopped");

@@ -108,6 +108,44 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A token bucket: `rate` per second with a burst of `burst`. Used per connection for the
+/// frame rate and for TYPING/RECORDING.
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32) -> TokenBucket {
+        TokenBucket::with_burst(rate, rate)
+    }
+
+    pub fn with_burst(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
+            tokens: burst as f64,
+            rate: rate as f64,
+            burst: burst as f64,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the bucket is empty.
+    pub fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -354,19 +354,58 @@ impl Sessions {
     /// connection whose buffer is full is told to close as slow: its items stay queued in the
     /// store for RESUME, so nothing is lost.
     pub fn deliver(&self, user: &str, frame: &Arc<Outbound>, except: Option<u64>) -> Delivered {
+        self.deliver_to(user, frame, except, None)
+    }
+
+    /// [`Self::deliver`], also collecting into `reached` the device id of every connection
+    /// the frame was offered to (slow ones included: they are being closed and will catch up
+    /// when they reconnect).
+    pub fn deliver_to(
+        &self,
+        user: &str,
+        frame: &Arc<Outbound>,
+        except: Option<u64>,
+        mut reached: Option<&mut Vec<Arc<str>>>,
+    ) -> Delivered {
         let mut d = Delivered::default();
         let shard = self.shard(user);
         let Some(entry) = shard.get(user) else {
             return d;
         };
         for conn in entry.conns.iter().filter(|c| Some(c.id) != except) {
-            if conn.offer(frame) {
+            let offered = if conn.offer(frame) {
                 d.devices += 1;
+                true
             } else if !conn.tx.is_closed() {
                 d.slow += 1;
+                true
+            } else {
+                false
+            };
+            if offered && let Some(r) = reached.as_deref_mut() {
+                r.push(conn.device.clone());
             }
         }
         d
+    }
+
+    /// Whether `device` of `user` has an open connection.
+    pub fn device_online(&self, user: &str, device: &str) -> bool {
+        self.shard(user)
+            .get(user)
+            .is_some_and(|e| e.conns.iter().any(|c| &*c.device == device))
+    }
+
+    /// The device ids of the user's open connections (a device with two connections once).
+    pub fn devices(&self, user: &str) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = self
+            .shard(user)
+            .get(user)
+            .map(|e| e.conns.iter().map(|c| c.device.clone()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Whether `user` has an online connection other than `except` (a frame for it is only

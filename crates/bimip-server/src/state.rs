@@ -1,27 +1,34 @@
-//! The server's shared state: one `Arc<AppState>` cloned into every connection and handler.
+//! The server's shared state: one `Arc<AppState>` cloned into every connection and handler. It
+//! only wires the parts together; each part owns its own state (the hub its registry, the store
+//! its files, the block cache its entries).
 
 use crate::{
-    auth::Verifier, awareness::Presence, config::Config, limits::ConnLimits, metrics::Metrics,
-    revocations::Revocations, sessions::Sessions,
+    auth::Verifier, blocks::BlockCache, config::Config, hub::Hub, limits::ConnLimits,
+    metrics::Metrics, revocations::Revocations, tasks::Tasks,
 };
 use bimip_store::Store;
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
+use tokio_util::task::TaskTracker;
 
 pub struct AppState {
     pub config: Config,
     pub store: Store,
-    pub sessions: Sessions,
-    pub presence: Presence,
-    pub blocks: crate::blocks::BlockCache,
+    /// Who is connected where; the delivery decision.
+    pub hub: Hub,
+    pub blocks: BlockCache,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
     /// Connections per user and in total (checked before the upgrade).
     pub conn_limits: Arc<ConnLimits>,
     /// Per-user `not_before` of revoked tokens.
     pub revocations: Revocations,
+    /// Background tasks (grace timers, workers), drained at shutdown after the connections.
+    pub tasks: Tasks,
+    /// Connection tasks, waited for at shutdown before the background tasks.
+    pub connections: TaskTracker,
     /// False once shutdown began: new upgrades are refused and `/readyz` says so.
     pub accepting: AtomicBool,
     next_conn_id: AtomicU64,
@@ -45,11 +52,12 @@ impl AppState {
             revocations,
             config,
             store,
-            sessions: Sessions::new(),
-            presence: Presence::default(),
-            blocks: Default::default(),
+            hub: Hub::new(),
+            blocks: BlockCache::default(),
             metrics,
             verifier,
+            tasks: Tasks::new(),
+            connections: TaskTracker::new(),
             accepting: AtomicBool::new(true),
             next_conn_id: AtomicU64::new(1),
         }

@@ -52,7 +52,7 @@ pub async fn revoke(
         ApiError::unavailable("the revocation could not be stored")
     })?;
     state.metrics.revocations.inc();
-    let closed = state.sessions.kick(&user, None, Disconnect::Revoked);
+    let closed = state.hub.kick(&user, None, Disconnect::Revoked);
     tracing::info!(user = %user, not_before, closed, "tokens revoked");
     Ok(Json(RevokeReply {
         user,
@@ -80,9 +80,7 @@ pub async fn kick(
     require_api_key(&state, &headers)?;
     valid_user(&user)?;
     bimip_proto::validate_device_id(&device).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let closed = state
-        .sessions
-        .kick(&user, Some(&device), Disconnect::Kicked);
+    let closed = state.hub.kick(&user, Some(&device), Disconnect::Kicked);
     tracing::info!(user = %user, device = %device, closed, "device kicked");
     Ok(Json(KickReply {
         user,

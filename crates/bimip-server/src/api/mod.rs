@@ -7,7 +7,8 @@ mod presence;
 
 use crate::{
     auth::api_key_matches,
-    delivery::{self, Refused, SYSTEM_SENDER, SendRequest},
+    delivery::{self, SYSTEM_SENDER, SendRequest},
+    error::Refused,
     gateway,
     state::Shared,
 };

@@ -177,7 +177,7 @@ pub async fn list_contacts(
         .store
         .profile(&user)
         .await
-        .map_err(crate::delivery::Refused::from)?;
+        .map_err(crate::error::Refused::from)?;
     Ok(Json(ContactsReply {
         contacts: p
             .contacts
@@ -250,7 +250,7 @@ pub async fn import_contacts(
         .store
         .put_contacts(&user, entries, b.replace)
         .await
-        .map_err(crate::delivery::Refused::from)?;
+        .map_err(crate::error::Refused::from)?;
     Ok(Json(ChangedReply { changed }))
 }
 
@@ -293,7 +293,7 @@ pub async fn put_contact(
         .store
         .put_contacts(&user, vec![(contact, b.one_way)], false)
         .await
-        .map_err(crate::delivery::Refused::from)?;
+        .map_err(crate::error::Refused::from)?;
     Ok(Json(ChangedReply { changed }))
 }
 
@@ -317,7 +317,7 @@ pub async fn delete_contact(
         .store
         .remove_contact(&user, &contact)
         .await
-        .map_err(crate::delivery::Refused::from)?;
+        .map_err(crate::error::Refused::from)?;
     Ok(Json(ChangedReply {
         changed: usize::from(existed),
     }))
@@ -340,10 +340,12 @@ async fn block(
         .store
         .set_block(&user, &other, blocked)
         .await
-        .map_err(crate::delivery::Refused::from)?;
-    crate::blocks::BlockCache::refresh(state, &user)
+        .map_err(crate::error::Refused::from)?;
+    state
+        .blocks
+        .refresh(&state.store, &user)
         .await
-        .map_err(crate::delivery::Refused::from)?;
+        .map_err(crate::error::Refused::from)?;
     Ok(Json(ChangedReply {
         changed: usize::from(changed),
     }))
