@@ -87,6 +87,7 @@ pub async fn connected(state: &Shared, user: &Arc<str>) {
             return;
         }
     };
+    presence_event(state, user, Status::Online, &profile, 0).await;
     if profile.invisible {
         return;
     }
@@ -99,6 +100,38 @@ pub async fn connected(state: &Shared, user: &Arc<str>) {
         ..Default::default()
     });
     broadcast(state, user, &profile, frame).await;
+}
+
+/// The `presence.changed` event webhook: the user's state after a change (for the app's
+/// backend, invisibility included; watchers of an invisible user are told nothing).
+async fn presence_event(
+    state: &Shared,
+    user: &str,
+    status: Status,
+    profile: &Profile,
+    last_seen: i64,
+) {
+    use crate::webhooks::EventType;
+    if !state.events.wants(EventType::PresenceChanged) {
+        return;
+    }
+    let mut data = serde_json::json!({
+        "user": user,
+        "status": status_label(status as i32),
+        "intent": match intent_of(profile) {
+            Status::Unspecified => "none",
+            i => status_label(i as i32),
+        },
+        "details": profile.details,
+        "invisible": profile.invisible,
+    });
+    if status == Status::Offline {
+        data["last_seen"] = last_seen.into();
+    }
+    state
+        .events
+        .emit(EventType::PresenceChanged, data)
+        .await;
 }
 
 /// Records `last_seen` (advisory: written lazily, flushed at shutdown).
@@ -138,6 +171,7 @@ pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
                 return;
             }
         };
+        presence_event(&state, &user, Status::Offline, &profile, last_seen).await;
         if profile.invisible {
             return;
         }
@@ -227,6 +261,12 @@ pub async fn set_state(
     if let Some(a) = frame {
         broadcast(state, user, &after, awareness_frame(a)).await;
     }
+    let shown = if intent == Status::Unspecified {
+        Status::Online
+    } else {
+        intent
+    };
+    presence_event(state, user, shown, &after, 0).await;
     let own = awareness_frame(v1::Awareness {
         from: user.to_string(),
         status: match intent {
@@ -360,11 +400,6 @@ pub async fn view(
         a.last_seen = live.last_seen.max(profile.last_seen);
     }
     Ok((a, live.devices))
-}
-
-/// Whether the user's intent is DND (the push pipeline asks this before a chat push).
-pub async fn is_dnd(state: &Shared, user: &str) -> bool {
-    matches!(state.store.profile(user).await, Ok(p) if p.intent == Status::Dnd)
 }
 
 /// `Subscribe{users, unsubscribe}`: answers at once with the current awareness of each permitted

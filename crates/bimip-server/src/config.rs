@@ -38,6 +38,10 @@ pub struct Config {
     pub limits: LimitSettings,
     /// Serve HTTPS/WSS with these PEM files (both or neither).
     pub tls: TlsSettings,
+    /// Push notifications: providers and the outbox's timing.
+    pub push: PushSettings,
+    /// Outgoing event webhooks (presence changed, message stored/delivered/read).
+    pub webhooks: WebhookSettings,
     /// Repair mid-file store corruption at start-up instead of refusing to start.
     pub repair: bool,
 }
@@ -238,7 +242,122 @@ impl Default for Config {
             presence: PresenceSettings::default(),
             limits: LimitSettings::default(),
             tls: TlsSettings::default(),
+            push: PushSettings::default(),
+            webhooks: WebhookSettings::default(),
             repair: false,
+        }
+    }
+}
+
+/// Push providers and the push outbox. A provider without configuration is off (pushes for its
+/// tokens are dead-lettered with reason `provider_disabled`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushSettings {
+    /// FCM service-account JSON (`project_id`, `client_email`, `private_key`, `token_uri`).
+    pub fcm_credentials: Option<PathBuf>,
+    /// FCM base URL; requests go to `{endpoint}/v1/projects/{project_id}/messages:send`.
+    pub fcm_endpoint: String,
+    /// APNs signing key (.p8, PKCS#8 PEM).
+    pub apns_key: Option<PathBuf>,
+    /// The key's 10-character Key ID.
+    pub apns_key_id: Option<String>,
+    /// The 10-character Team ID.
+    pub apns_team_id: Option<String>,
+    /// The app's bundle id (`apns-topic`).
+    pub apns_topic: Option<String>,
+    /// APNs endpoint for production tokens (HTTP/2 only; `http://` = HTTP/2 over plain TCP).
+    pub apns_endpoint: String,
+    /// APNs endpoint for tokens registered with `sandbox: true`.
+    pub apns_sandbox_endpoint: String,
+    /// The app's own push service: one signed JSON document per push is POSTed here.
+    pub webhook_url: Option<String>,
+    /// Standard Webhooks secret (`whsec_<base64>`) signing those documents.
+    pub webhook_secret: Option<String>,
+    /// A chat push waits this long for some device of the recipient to acknowledge the
+    /// message; if one does, no push is sent.
+    pub grace_ms: u64,
+    /// At most one chat push per recipient device and sender per window this long.
+    pub collapse_ms: u64,
+    /// Put the message text into chat pushes (off: "New message", no text leaves the server).
+    pub preview: bool,
+    /// First retry delay; doubles per attempt (full jitter), up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Attempts before a job is dead-lettered.
+    pub max_attempts: u32,
+    /// Age (seconds) after which an unsent job is dead-lettered instead of retried.
+    pub max_age_secs: u64,
+    /// Pushes sent concurrently.
+    pub workers: usize,
+    /// Extra PEM CA certificates trusted for the providers' HTTPS (private gateways, tests).
+    pub ca_file: Option<PathBuf>,
+    /// Timeout of one provider request (≥ 15 s avoids duplicates from early give-ups).
+    pub timeout_ms: u64,
+    /// How long a provider with a credential or configuration error is paused before a retry.
+    pub pause_ms: u64,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        PushSettings {
+            fcm_credentials: None,
+            fcm_endpoint: "https://fcm.googleapis.com".into(),
+            apns_key: None,
+            apns_key_id: None,
+            apns_team_id: None,
+            apns_topic: None,
+            apns_endpoint: "https://api.push.apple.com".into(),
+            apns_sandbox_endpoint: "https://api.sandbox.push.apple.com".into(),
+            webhook_url: None,
+            webhook_secret: None,
+            grace_ms: 10_000,
+            collapse_ms: 30_000,
+            preview: false,
+            retry_base_ms: 1000,
+            retry_max_ms: 600_000,
+            max_attempts: 10,
+            max_age_secs: 3600,
+            workers: 64,
+            ca_file: None,
+            timeout_ms: 15_000,
+            pause_ms: 60_000,
+        }
+    }
+}
+
+/// The kinds of event the event webhook can deliver.
+pub const WEBHOOK_EVENTS: [&str; 4] = [
+    "presence.changed",
+    "message.stored",
+    "message.delivered",
+    "message.read",
+];
+
+/// Outgoing event webhooks: one signed POST per event to `url`, retried until a 2xx.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: Option<String>,
+    /// Standard Webhooks secret (`whsec_<base64>`).
+    pub secret: Option<String>,
+    /// Which events to send (default: all of [`WEBHOOK_EVENTS`]).
+    pub events: Vec<String>,
+    /// Age (seconds) after which an undelivered event is dead-lettered.
+    pub max_age_secs: u64,
+    /// Events sent concurrently.
+    pub workers: usize,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            url: None,
+            secret: None,
+            events: WEBHOOK_EVENTS.iter().map(|s| s.to_string()).collect(),
+            max_age_secs: 24 * 3600,
+            workers: 16,
         }
     }
 }
@@ -326,10 +445,60 @@ impl Config {
                 "TLS needs both --tls-cert and --tls-key".into(),
             ));
         }
+        self.validate_push()?;
         if self.store.max_open_files < 2 * self.store.shards {
             return Err(ConfigError::Invalid(
                 "store.max_open_files must be at least 2 per shard".into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_push(&self) -> Result<(), ConfigError> {
+        let p = &self.push;
+        let apns = [
+            p.apns_key.is_some(),
+            p.apns_key_id.is_some(),
+            p.apns_team_id.is_some(),
+            p.apns_topic.is_some(),
+        ];
+        if apns.iter().any(|s| *s) && !apns.iter().all(|s| *s) {
+            return Err(ConfigError::Invalid(
+                "APNs needs all of --push-apns-key, --push-apns-key-id, --push-apns-team-id and \
+                 --push-apns-topic"
+                    .into(),
+            ));
+        }
+        if p.webhook_url.is_some() != p.webhook_secret.is_some() {
+            return Err(ConfigError::Invalid(
+                "the push webhook needs both --push-webhook-url and --push-webhook-secret".into(),
+            ));
+        }
+        if p.workers == 0 || p.max_attempts == 0 || p.retry_base_ms == 0 || p.timeout_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "push.workers, push.max_attempts and push.retry_base_ms must be >= 1, \
+                 push.timeout_ms >= 100"
+                    .into(),
+            ));
+        }
+        let w = &self.webhooks;
+        if w.url.is_some() != w.secret.is_some() {
+            return Err(ConfigError::Invalid(
+                "event webhooks need both --webhook-url and --webhook-secret".into(),
+            ));
+        }
+        if let Some(bad) = w
+            .events
+            .iter()
+            .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "unknown webhook event {bad:?}: expected some of {}",
+                WEBHOOK_EVENTS.join(", ")
+            )));
+        }
+        if w.workers == 0 {
+            return Err(ConfigError::Invalid("webhooks.workers must be >= 1".into()));
         }
         Ok(())
     }

@@ -2,7 +2,8 @@
 //! durably, then deliver in real time (SPEC §3 "Send" and "Delivered / read").
 
 pub use crate::error::Refused;
-use crate::{hub::StoredItem, sessions::Outbound, state::Shared};
+use crate::{hub::StoredItem, sessions::Outbound, state::Shared, webhooks::EventType};
+use base64::Engine;
 use bimip_proto::{
     Body,
     v1::{self, ErrorCode, Partition, ReceiptKind},
@@ -160,6 +161,19 @@ pub async fn start_send(
             }
         }
         state.metrics.messages_delivered.inc_by(delivered as u64);
+        if state.events.wants(EventType::MessageStored) {
+            let data = serde_json::json!({
+                "id": req.id,
+                "from": req.from.as_ref(),
+                "device": req.device.as_ref(),
+                "to": req.to,
+                "partition": partition_name(req.partition),
+                "offset": stored.offset,
+                "timestamp": stored.timestamp,
+                "payload": base64::engine::general_purpose::STANDARD.encode(&req.payload),
+            });
+            state.events.emit(EventType::MessageStored, data).await;
+        }
         Ok(ack)
     })
 }
@@ -214,6 +228,24 @@ pub async fn receipt(
         )
         .await?;
     if partition == Partition::Chat
+        && let (Some(peer), Some(last)) = (&peer, outcome.covered.last())
+    {
+        let t = match kind {
+            ReceiptKind::Read => EventType::MessageRead,
+            _ => EventType::MessageDelivered,
+        };
+        if state.events.wants(t) {
+            let data = serde_json::json!({
+                "from": user.as_ref(),
+                "device": device,
+                "to": peer,
+                "up_to_offset": last.0,
+                "message_ids": outcome.covered.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(),
+            });
+            state.events.emit(t, data).await;
+        }
+    }
+    if partition == Partition::Chat
         && let (Some(peer), Some(last)) = (peer, outcome.covered.last())
         && peer != SYSTEM_SENDER
     {
@@ -244,4 +276,14 @@ pub async fn receipt(
         state.metrics.receipts_routed.inc();
     }
     Ok(outcome.next_offset)
+}
+
+/// The partition's name in JSON (HTTP API, event webhooks).
+pub fn partition_name(p: Partition) -> &'static str {
+    match p {
+        Partition::Chat => "chat",
+        Partition::Notification => "notification",
+        Partition::Receipt => "receipt",
+        Partition::Unspecified => "unspecified",
+    }
 }

@@ -15,12 +15,14 @@ mod handlers;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod push;
 pub mod revocations;
 pub mod sessions;
 pub mod state;
 pub mod subscriptions;
 pub mod tasks;
 pub mod tls;
+pub mod webhooks;
 
 pub use config::Config;
 
@@ -82,13 +84,47 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
-    let state = Arc::new(state::AppState::new(
+    let store = Store::File(file_store);
+    let outbox = Arc::new(push::outbox::Outbox::load(store.clone()).await?);
+    let (waiting, _) = outbox.depth();
+    if waiting > 0 {
+        tracing::info!(jobs = waiting, "push and event jobs waiting in the outbox");
+    }
+    bimip_push::http::install_crypto_provider();
+    let providers = push::Providers::from_settings(&config.push)?;
+    let tasks = tasks::Tasks::new();
+    let hub = Arc::new(hub::Hub::new());
+    let push = Arc::new(push::Push::new(
+        config.push.clone(),
+        store.clone(),
+        &hub,
+        outbox.clone(),
+        providers,
+        metrics.clone(),
+        tasks.clone(),
+    ));
+    hub.set_missed(Arc::new(push::decide::PushSink(push.clone())));
+    let events = Arc::new(webhooks::Events::new(
+        &config.webhooks,
+        &push::http_options(&config.push),
+        outbox.clone(),
+        store.clone(),
+        (config.push.retry_base_ms, config.push.retry_max_ms),
+        metrics.clone(),
+    )?);
+    push::dispatch::start(outbox.clone(), push.clone(), events.clone(), tasks.clone());
+    let state = Arc::new(state::AppState::new(state::Parts {
         config,
-        Store::File(file_store),
+        store,
         metrics,
         verifier,
         revocations,
-    ));
+        hub,
+        push,
+        events,
+        outbox,
+        tasks,
+    }));
     let app = api::router(state.clone());
     let stopping = state.clone();
     let stopped = Arc::new(tokio::sync::Notify::new());

@@ -46,7 +46,52 @@ pub struct Metrics {
     pub disconnects: Family<ReasonLabel, Counter>,
     pub http_timeouts: Counter,
     pub revocations: Counter,
+    pub push: Family<PushLabel, Counter>,
+    pub push_dead_letters: Family<PushReasonLabel, Counter>,
+    pub push_tokens: Family<ReasonLabel, Counter>,
+    pub push_outbox_jobs: Gauge,
+    pub push_outbox_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub push_provider_paused: Family<ProviderLabel, Gauge>,
+    pub webhook_events: Family<EventLabel, Counter>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabel {
+    pub provider: &'static str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushReasonLabel {
+    pub provider: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+    pub outcome: &'static str,
+}
+
+/// A label value from a closed set, so a value read back from storage cannot grow the metric's
+/// label space.
+fn known(value: &str, set: &[&'static str]) -> &'static str {
+    set.iter().find(|v| **v == value).copied().unwrap_or("other")
+}
+
+const PROVIDERS: [&str; 5] = ["fcm", "apns", "webhook", "events", "none"];
+const EVENTS: [&str; 4] = [
+    "presence.changed",
+    "message.stored",
+    "message.delivered",
+    "message.read",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -97,6 +142,13 @@ impl Metrics {
             disconnects: Family::default(),
             http_timeouts: Counter::default(),
             revocations: Counter::default(),
+            push: Family::default(),
+            push_dead_letters: Family::default(),
+            push_tokens: Family::default(),
+            push_outbox_jobs: Gauge::default(),
+            push_outbox_oldest_seconds: Gauge::default(),
+            push_provider_paused: Family::default(),
+            webhook_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -210,6 +262,41 @@ impl Metrics {
             m.revocations.clone(),
         );
         registry.register(
+            "push",
+            "Push decisions and attempts, by provider, outcome (queued, suppressed, skipped, sent, retry, token_removed, paused) and reason",
+            m.push.clone(),
+        );
+        registry.register(
+            "push_dead_letters",
+            "Push and event jobs given up on, by provider and reason",
+            m.push_dead_letters.clone(),
+        );
+        registry.register(
+            "push_tokens",
+            "Push token registrations and removals",
+            m.push_tokens.clone(),
+        );
+        registry.register(
+            "push_outbox_jobs",
+            "Jobs waiting in the push and event outbox",
+            m.push_outbox_jobs.clone(),
+        );
+        registry.register(
+            "push_outbox_oldest_seconds",
+            "Age of the oldest job waiting in the outbox",
+            m.push_outbox_oldest_seconds.clone(),
+        );
+        registry.register(
+            "push_provider_paused",
+            "1 while a push provider is paused after a credential or configuration error",
+            m.push_provider_paused.clone(),
+        );
+        registry.register(
+            "webhook_events",
+            "Event webhook jobs, by event and outcome (queued, sent, retry, gone, dead_letter)",
+            m.webhook_events.clone(),
+        );
+        registry.register(
             "store_compactions",
             "Queue files rewritten by retention or max_queue_items",
             m.compactions.clone(),
@@ -265,6 +352,53 @@ impl Metrics {
     pub fn refused(&self, reason: &'static str) {
         self.connections_refused
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn push_outcome(&self, provider: &str, outcome: &'static str, reason: &'static str) {
+        self.push
+            .get_or_create(&PushLabel {
+                provider: known(provider, &PROVIDERS),
+                outcome,
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn push_dead_letter(&self, provider: &str, reason: &'static str) {
+        self.push_dead_letters
+            .get_or_create(&PushReasonLabel {
+                provider: known(provider, &PROVIDERS),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn push_tokens(&self, what: &'static str) {
+        self.push_tokens
+            .get_or_create(&ReasonLabel { reason: what })
+            .inc();
+    }
+
+    pub fn push_paused(&self, provider: &str, paused: bool) {
+        self.push_provider_paused
+            .get_or_create(&ProviderLabel {
+                provider: known(provider, &PROVIDERS),
+            })
+            .set(i64::from(paused));
+    }
+
+    pub fn push_outbox(&self, jobs: i64, oldest_seconds: f64) {
+        self.push_outbox_jobs.set(jobs);
+        self.push_outbox_oldest_seconds.set(oldest_seconds);
+    }
+
+    pub fn webhook_event(&self, event: &str, outcome: &'static str) {
+        self.webhook_events
+            .get_or_create(&EventLabel {
+                event: known(event, &EVENTS),
+                outcome,
+            })
             .inc();
     }
 

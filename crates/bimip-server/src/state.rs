@@ -3,8 +3,16 @@
 //! its files, the block cache its entries).
 
 use crate::{
-    auth::Verifier, blocks::BlockCache, config::Config, hub::Hub, limits::ConnLimits,
-    metrics::Metrics, revocations::Revocations, tasks::Tasks,
+    auth::Verifier,
+    blocks::BlockCache,
+    config::Config,
+    hub::Hub,
+    limits::ConnLimits,
+    metrics::Metrics,
+    push::{Push, outbox::Outbox},
+    revocations::Revocations,
+    tasks::Tasks,
+    webhooks::Events,
 };
 use bimip_store::Store;
 use std::sync::{
@@ -17,7 +25,13 @@ pub struct AppState {
     pub config: Config,
     pub store: Store,
     /// Who is connected where; the delivery decision.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// Push notifications (the hub's missed-delivery sink).
+    pub push: Arc<Push>,
+    /// Outgoing event webhooks.
+    pub events: Arc<Events>,
+    /// The durable outbox of push and event jobs.
+    pub outbox: Arc<Outbox>,
     pub blocks: BlockCache,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
@@ -36,27 +50,38 @@ pub struct AppState {
 
 pub type Shared = Arc<AppState>;
 
+/// The parts `AppState` wires together, built by [`crate::run`].
+pub struct Parts {
+    pub config: Config,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub verifier: Verifier,
+    pub revocations: Revocations,
+    pub hub: Arc<Hub>,
+    pub push: Arc<Push>,
+    pub events: Arc<Events>,
+    pub outbox: Arc<Outbox>,
+    pub tasks: Tasks,
+}
+
 impl AppState {
-    pub fn new(
-        config: Config,
-        store: Store,
-        metrics: Arc<Metrics>,
-        verifier: Verifier,
-        revocations: Revocations,
-    ) -> AppState {
+    pub fn new(p: Parts) -> AppState {
         AppState {
             conn_limits: Arc::new(ConnLimits::new(
-                config.limits.max_connections_per_user,
-                config.limits.max_connections,
+                p.config.limits.max_connections_per_user,
+                p.config.limits.max_connections,
             )),
-            revocations,
-            config,
-            store,
-            hub: Hub::new(),
+            revocations: p.revocations,
+            config: p.config,
+            store: p.store,
+            hub: p.hub,
+            push: p.push,
+            events: p.events,
+            outbox: p.outbox,
             blocks: BlockCache::default(),
-            metrics,
-            verifier,
-            tasks: Tasks::new(),
+            metrics: p.metrics,
+            verifier: p.verifier,
+            tasks: p.tasks,
             connections: TaskTracker::new(),
             accepting: AtomicBool::new(true),
             next_conn_id: AtomicU64::new(1),

@@ -62,6 +62,8 @@ commands:
   typing <peer> | recording <peer>
   subscribe <users…> | unsubscribe <users…>
   invisible on|off
+  push-token fcm|apns|webhook <token> [sandbox]   register this device's push token
+  push-token remove                  remove it
   ping
   raw <json>                         send a Frame given in the proto3 JSON mapping
   sleep <ms>
@@ -497,6 +499,37 @@ fn command(line: &str, seen: &Seen) -> anyhow::Result<Cmd> {
                 ..Default::default()
             })
         }
+        "push-token" => {
+            let (first, rest) = need(rest, "fcm|apns|webhook <token>, or remove")?;
+            if first == "remove" {
+                no_more(rest)?;
+                return Ok(Cmd::Send(Body::PushToken(v1::PushToken {
+                    remove: true,
+                    ..Default::default()
+                })));
+            }
+            let platform = match first {
+                "fcm" => v1::Platform::Fcm,
+                "apns" => v1::Platform::Apns,
+                "webhook" => v1::Platform::Webhook,
+                other => bail!("unknown push platform {other:?} (fcm|apns|webhook)"),
+            };
+            let (token, rest) = need(rest, "token")?;
+            let sandbox = match word(rest) {
+                None => false,
+                Some(("sandbox", r)) => {
+                    no_more(r)?;
+                    true
+                }
+                Some((other, _)) => bail!("unexpected {other:?} (only `sandbox` may follow the token)"),
+            };
+            Ok(Cmd::Send(Body::PushToken(v1::PushToken {
+                platform: platform as i32,
+                token: token.to_string(),
+                sandbox,
+                ..Default::default()
+            })))
+        }
         "raw" => {
             if rest.is_empty() {
                 bail!("missing JSON frame");
@@ -566,7 +599,44 @@ pub(crate) fn payload_text(p: &[u8]) -> String {
     }
 }
 
+/// A notification as `POST /v1/notifications` stores it: title, body, data, priority.
+fn describe_notification(m: &v1::Message) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Content {
+        title: String,
+        #[serde(default)]
+        body: String,
+        #[serde(default)]
+        data: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        priority: String,
+    }
+    let c: Content = serde_json::from_slice(&m.payload).ok()?;
+    let mut s = format!(
+        "notification #{} {}→{} id={} {:?}",
+        m.offset, m.from, m.to, m.id, c.title
+    );
+    if !c.body.is_empty() {
+        s.push_str(&format!(" {:?}", c.body));
+    }
+    if c.priority == "high" {
+        s.push_str(" priority=high");
+    }
+    for (k, v) in &c.data {
+        s.push_str(&format!(" {k}={v:?}"));
+    }
+    if m.acknowledged {
+        s.push_str(" acknowledged");
+    }
+    Some(s)
+}
+
 fn describe_message(m: &v1::Message) -> String {
+    if m.partition == v1::Partition::Notification as i32
+        && let Some(s) = describe_notification(m)
+    {
+        return s;
+    }
     let mut s = format!("message #{} {}→{} id={}", m.offset, m.from, m.to, m.id);
     if m.partition != v1::Partition::Chat as i32 {
         s.push_str(&format!(" partition={}", partition_name(m.partition)));
@@ -677,7 +747,10 @@ fn describe(frame: &Frame) -> String {
             sub.users.join(","),
             sub.unsubscribe
         ),
-        Body::PushToken(p) => format!("push_token platform={} remove={}", p.platform, p.remove),
+        Body::PushToken(p) => format!(
+            "push_token platform={} remove={} sandbox={}",
+            p.platform, p.remove, p.sandbox
+        ),
         Body::Error(e) => format!(
             "error ref={} {}: {}",
             frame.r#ref,

@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod client;
 mod inspect;
+mod push;
 mod serve;
 mod token;
 
@@ -37,12 +38,16 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Verify a data dir (every user's files); `--repair` fixes what start-up recovery would.
     Check(check::CheckArgs),
-    /// Load generator: chat, offline, idle, presence and mixed scenarios against a server.
+    /// Load generator: chat, offline, idle, presence, mixed and push scenarios.
     Bench(bench::BenchArgs),
+    /// Push tools: send a test push to a user's devices through a running server.
+    Push(push::PushArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Every HTTPS client of the process (push providers, webhooks, bench) uses ring.
+    bimip_push::http::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -53,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Check(args) => check::run(args),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Push(args) => runtime.block_on(push::run(args)),
     }
 }

@@ -97,6 +97,70 @@ pub struct ServeArgs {
     /// SO_SNDBUF of accepted sockets in bytes (0 = kernel autotuning) [default: 0].
     #[arg(long, env = "BIMIP_SOCKET_SEND_BUFFER")]
     socket_send_buffer: Option<usize>,
+    /// FCM service-account JSON file (project_id, client_email, private_key, token_uri).
+    #[arg(long, env = "BIMIP_PUSH_FCM_CREDENTIALS")]
+    push_fcm_credentials: Option<PathBuf>,
+    /// FCM base URL [default: https://fcm.googleapis.com].
+    #[arg(long, env = "BIMIP_PUSH_FCM_ENDPOINT")]
+    push_fcm_endpoint: Option<String>,
+    /// APNs signing key (.p8).
+    #[arg(long, env = "BIMIP_PUSH_APNS_KEY")]
+    push_apns_key: Option<PathBuf>,
+    /// APNs Key ID (10 characters).
+    #[arg(long, env = "BIMIP_PUSH_APNS_KEY_ID")]
+    push_apns_key_id: Option<String>,
+    /// APNs Team ID (10 characters).
+    #[arg(long, env = "BIMIP_PUSH_APNS_TEAM_ID")]
+    push_apns_team_id: Option<String>,
+    /// APNs topic: the app's bundle id.
+    #[arg(long, env = "BIMIP_PUSH_APNS_TOPIC")]
+    push_apns_topic: Option<String>,
+    /// APNs endpoint (HTTP/2; http:// = HTTP/2 over plain TCP) [default: https://api.push.apple.com].
+    #[arg(long, env = "BIMIP_PUSH_APNS_ENDPOINT")]
+    push_apns_endpoint: Option<String>,
+    /// APNs endpoint for sandbox tokens [default: https://api.sandbox.push.apple.com].
+    #[arg(long, env = "BIMIP_PUSH_APNS_SANDBOX_ENDPOINT")]
+    push_apns_sandbox_endpoint: Option<String>,
+    /// The app's own push service: one signed JSON document per push is POSTed here.
+    #[arg(long, env = "BIMIP_PUSH_WEBHOOK_URL")]
+    push_webhook_url: Option<String>,
+    /// Secret signing those documents (whsec_<base64>, Standard Webhooks).
+    #[arg(long, env = "BIMIP_PUSH_WEBHOOK_SECRET", hide_env_values = true)]
+    push_webhook_secret: Option<String>,
+    /// A chat push waits this long for another device to acknowledge the message [default: 10000].
+    #[arg(long, env = "BIMIP_PUSH_GRACE_MS")]
+    push_grace_ms: Option<u64>,
+    /// At most one chat push per device and sender in this window, in ms [default: 30000].
+    #[arg(long, env = "BIMIP_PUSH_COLLAPSE_MS")]
+    push_collapse_ms: Option<u64>,
+    /// Put the message text into chat pushes (off by default: no text leaves the server).
+    #[arg(long, env = "BIMIP_PUSH_PREVIEW")]
+    push_preview: bool,
+    /// First retry delay in ms, doubled per attempt with full jitter [default: 1000].
+    #[arg(long, env = "BIMIP_PUSH_RETRY_BASE_MS")]
+    push_retry_base_ms: Option<u64>,
+    /// Attempts before a push is dead-lettered [default: 10].
+    #[arg(long, env = "BIMIP_PUSH_MAX_ATTEMPTS")]
+    push_max_attempts: Option<u32>,
+    /// Age after which an unsent push is dead-lettered (e.g. 1h, 30m) [default: 1h].
+    #[arg(long, env = "BIMIP_PUSH_MAX_AGE", value_parser = parse_duration_secs)]
+    push_max_age: Option<u64>,
+    /// Pushes sent concurrently [default: 64].
+    #[arg(long, env = "BIMIP_PUSH_WORKERS")]
+    push_workers: Option<usize>,
+    /// Extra CA certificates (PEM) trusted for the push providers' and webhooks' HTTPS.
+    #[arg(long, env = "BIMIP_PUSH_CA_FILE")]
+    push_ca_file: Option<PathBuf>,
+    /// Event webhook URL: presence and message events are POSTed here, signed.
+    #[arg(long, env = "BIMIP_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Secret signing the events (whsec_<base64>, Standard Webhooks).
+    #[arg(long, env = "BIMIP_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Events to send, comma-separated: presence.changed, message.stored, message.delivered,
+    /// message.read [default: all].
+    #[arg(long, env = "BIMIP_WEBHOOK_EVENTS", value_delimiter = ',')]
+    webhook_events: Option<Vec<String>>,
     /// Log format.
     #[arg(long, env = "BIMIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -153,6 +217,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         if shown.api_key.is_some() {
             shown.api_key = Some("<redacted>".into());
+        }
+        if shown.push.webhook_secret.is_some() {
+            shown.push.webhook_secret = Some("<redacted>".into());
+        }
+        if shown.webhooks.secret.is_some() {
+            shown.webhooks.secret = Some("<redacted>".into());
         }
         print!("{}", toml::to_string_pretty(&shown)?);
         return Ok(());
@@ -281,6 +351,29 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.limits.socket_send_buffer, &a.socket_send_buffer);
     set(&mut c.store.retention_secs, &a.retention);
     set(&mut c.store.max_queue_items, &a.max_queue_items);
+    let p = &mut c.push;
+    set_opt(&mut p.fcm_credentials, &a.push_fcm_credentials);
+    set(&mut p.fcm_endpoint, &a.push_fcm_endpoint);
+    set_opt(&mut p.apns_key, &a.push_apns_key);
+    set_opt(&mut p.apns_key_id, &a.push_apns_key_id);
+    set_opt(&mut p.apns_team_id, &a.push_apns_team_id);
+    set_opt(&mut p.apns_topic, &a.push_apns_topic);
+    set(&mut p.apns_endpoint, &a.push_apns_endpoint);
+    set(&mut p.apns_sandbox_endpoint, &a.push_apns_sandbox_endpoint);
+    set_opt(&mut p.webhook_url, &a.push_webhook_url);
+    set_opt(&mut p.webhook_secret, &a.push_webhook_secret);
+    set(&mut p.grace_ms, &a.push_grace_ms);
+    set(&mut p.collapse_ms, &a.push_collapse_ms);
+    p.preview |= a.push_preview;
+    set(&mut p.retry_base_ms, &a.push_retry_base_ms);
+    set(&mut p.max_attempts, &a.push_max_attempts);
+    set(&mut p.max_age_secs, &a.push_max_age);
+    set(&mut p.workers, &a.push_workers);
+    set_opt(&mut p.ca_file, &a.push_ca_file);
+    let w = &mut c.webhooks;
+    set_opt(&mut w.url, &a.webhook_url);
+    set_opt(&mut w.secret, &a.webhook_secret);
+    set(&mut w.events, &a.webhook_events);
     // A key source given on the command line replaces the file's, it does not add to it.
     if a.jwt_secret.is_some() || a.jwt_public_key.is_some() || a.jwt_jwks.is_some() {
         c.jwt.secret = a.jwt_secret.clone();

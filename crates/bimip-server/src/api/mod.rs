@@ -4,6 +4,7 @@
 
 mod admin;
 mod presence;
+mod push;
 
 use crate::{
     auth::api_key_matches,
@@ -129,6 +130,19 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/users/{user}/revoke", post(admin::revoke))
         .route("/v1/users/{user}/devices/{device}/kick", post(admin::kick))
+        .route(
+            "/v1/users/{user}/devices/{device}/push-token",
+            put(push::put_push_token).delete(push::delete_push_token),
+        )
+        .route("/v1/users/{user}/devices", get(push::list_devices))
+        .route("/v1/users/{user}/mutes", get(push::list_mutes))
+        .route(
+            "/v1/users/{user}/mutes/{other}",
+            put(push::put_mute).delete(push::delete_mute),
+        )
+        .route("/v1/notifications", post(push::notify))
+        .route("/v1/push/dead-letters", get(push::dead_letters))
+        .route("/v1/push/test", post(push::test_push))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -224,7 +238,16 @@ async fn json_errors(req: Request, next: Next) -> Response {
         presence::put_block,
         presence::delete_block,
         admin::revoke,
-        admin::kick
+        admin::kick,
+        push::put_push_token,
+        push::delete_push_token,
+        push::list_devices,
+        push::put_mute,
+        push::delete_mute,
+        push::list_mutes,
+        push::notify,
+        push::dead_letters,
+        push::test_push
     ),
     components(schemas(
         ErrorBody,
@@ -240,7 +263,24 @@ async fn json_errors(req: Request, next: Next) -> Response {
         presence::ContactBody,
         presence::ChangedReply,
         admin::RevokeReply,
-        admin::KickReply
+        admin::KickReply,
+        push::PushTokenBody,
+        push::PushTokenReply,
+        push::DeviceRef,
+        push::RemovedReply,
+        push::DevicesReply,
+        push::DeviceItem,
+        push::ChangedReply,
+        push::MutesReply,
+        push::MuteItem,
+        push::NotificationBody,
+        push::NotificationReply,
+        push::NotificationError,
+        push::DeadLettersReply,
+        push::DeadLetterItem,
+        push::PushTestBody,
+        push::PushTestReply,
+        push::PushTestResult
     )),
     modifiers(&ApiKeyScheme)
 )]
@@ -258,6 +298,18 @@ impl utoipa::Modify for ApiKeyScheme {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("The server's API key (--api-key)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "user_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A client token (JWT) of the user named in the path: it reaches only that user's data",
+                    ))
                     .build(),
             ),
         );
@@ -318,6 +370,41 @@ pub(crate) fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(),
             "missing API key: send `Authorization: Bearer <api key>`",
         )),
     }
+}
+
+/// Checks a `{user}` route's credentials: the backend's API key, or a client token (JWT) of
+/// that same user. A token of another user is refused with 403.
+pub(crate) fn require_user_or_api_key(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &str,
+) -> Result<(), ApiError> {
+    let Some(given) = gateway::bearer_token(headers) else {
+        return Err(ApiError::unauthorized(
+            "missing credentials: send `Authorization: Bearer <api key or the user's token>`",
+        ));
+    };
+    if let Some(expected) = state.config.api_key.as_deref()
+        && api_key_matches(expected, given)
+    {
+        return Ok(());
+    }
+    let id = state.verifier.verify(given).map_err(|e| {
+        state.metrics.auth_failures.inc();
+        ApiError::unauthorized(format!("neither the API key nor a valid token: {e}"))
+    })?;
+    if !state.revocations.allows(&id.user, id.iat) {
+        state.metrics.auth_failures.inc();
+        return Err(ApiError::unauthorized(
+            crate::auth::AuthError::Revoked.to_string(),
+        ));
+    }
+    if id.user != user {
+        return Err(ApiError::forbidden(
+            "this token belongs to another user: a user's token reaches only its own data",
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {

@@ -324,6 +324,8 @@ pub fn text(m: &v1::Message) -> String {
 }
 
 pub fn http() -> reqwest::Client {
+    // reqwest is built without a default TLS crypto provider: the process installs one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
