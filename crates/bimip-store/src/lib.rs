@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod file;
+pub mod push;
 pub mod types;
 
 pub use error::StoreError;
@@ -15,6 +16,7 @@ pub use file::{
     CheckReport, DEFAULT_MAX_QUEUE_ITEMS, DEFAULT_RETENTION, FileStore, FsyncMode, Problem,
     RecoveryReport, StoreConfig, StoreObserver, UserFiles, check_data_dir, inspect_user, user_dir,
 };
+pub use push::{PushStore, TokenMatch, Unread, SenderUnread};
 pub use types::*;
 
 use std::future::Future;
@@ -72,6 +74,11 @@ pub trait QueueStore: Send + Sync {
         user: &str,
         device: &str,
     ) -> impl Future<Output = Result<PendingForDevice, StoreError>> + Send;
+
+    /// The user's unread chat per sender, counted from the furthest cursor of any of its
+    /// devices (DELIVERED or READ): what no device has acknowledged yet. The push pipeline reads
+    /// the badge (`total`) and whether a message was acknowledged here; no payload is read.
+    fn unread(&self, user: &str) -> impl Future<Output = Result<Unread, StoreError>> + Send;
 
     /// Flushes and fsyncs everything written so far, then stops accepting operations.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
@@ -174,6 +181,11 @@ impl QueueStore for Store {
     async fn pending(&self, user: &str, device: &str) -> Result<PendingForDevice, StoreError> {
         match self {
             Store::File(s) => s.pending(user, device).await,
+        }
+    }
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
+        match self {
+            Store::File(s) => s.unread(user).await,
         }
     }
     async fn shutdown(&self) {
