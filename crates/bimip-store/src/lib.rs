@@ -16,7 +16,7 @@ pub use file::{
     CheckReport, DEFAULT_MAX_QUEUE_ITEMS, DEFAULT_RETENTION, FileStore, FsyncMode, Problem,
     RecoveryReport, StoreConfig, StoreObserver, UserFiles, check_data_dir, inspect_user, user_dir,
 };
-pub use push::{PushStore, TokenMatch, Unread, SenderUnread};
+pub use push::{PushStore, SenderUnread, TokenMatch, Unread};
 pub use types::*;
 
 use std::future::Future;

@@ -98,10 +98,7 @@ pub trait PushStore: Send + Sync {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Users `user` muted, with when (unix ms), ordered by user.
-    fn mutes(
-        &self,
-        user: &str,
-    ) -> impl Future<Output = Result<Vec<Mute>, StoreError>> + Send;
+    fn mutes(&self, user: &str) -> impl Future<Output = Result<Vec<Mute>, StoreError>> + Send;
 
     /// Whether `user` muted `other`.
     fn is_muted(&self, user: &str, other: &str) -> impl Future<Output = bool> + Send;
@@ -109,10 +106,8 @@ pub trait PushStore: Send + Sync {
     /// Stores jobs (insert, or replace by id). A job whose stored version is newer than the
     /// given one is left as it is; so is a job removed at a version not older than the given
     /// one.
-    fn put_jobs(
-        &self,
-        jobs: Vec<OutboxJob>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn put_jobs(&self, jobs: Vec<OutboxJob>)
+    -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Removes jobs `(id, version)`: each only if its stored version is not newer.
     fn remove_jobs(

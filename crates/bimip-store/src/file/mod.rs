@@ -32,7 +32,7 @@ use shard::{Cmd, Inbox, Shard, ShardConfig};
 
 use crate::{
     AckOutcome, AckRequest, Appended, CopyTo, NewItem, Pending, PendingForDevice, PresenceUpdate,
-    Profile, ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError,
+    Profile, ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError, Unread,
 };
 
 /// When appends are fsynced before they are acknowledged.
@@ -521,6 +521,16 @@ impl QueueStore for FileStore {
         let cmd = Cmd::Pending {
             user: user.to_string(),
             device: device.to_string(),
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Unread {
+            user: user.to_string(),
             reply,
         };
         self.send(user, cmd).await?;

@@ -20,7 +20,7 @@ use super::recovery::{io_err, load_user};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
     AckOutcome, AckRequest, Appended, Compaction, CopyTo, NewItem, PendingForDevice, Profile,
-    ReadBatch, ReadRequest, StoreError,
+    ReadBatch, ReadRequest, StoreError, Unread,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -48,6 +48,11 @@ pub(crate) enum Cmd {
         user: String,
         device: String,
         reply: Reply<PendingForDevice>,
+    },
+    /// The user's unread chat per sender, from memory (see [`UserQueue::unread`]).
+    Unread {
+        user: String,
+        reply: Reply<Unread>,
     },
     Profile {
         user: String,
@@ -90,6 +95,7 @@ impl Cmd {
             Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Read { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Pending { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Unread { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Profile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Compact { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
@@ -475,6 +481,16 @@ impl Shard {
                 reply,
             } => {
                 let r = self.with_queue_file(&user, |q, read_at| q.pending(&device, read_at));
+                let _ = reply.send(r);
+                false
+            }
+            Cmd::Unread { user, reply } => {
+                // Like every read, it sees only durable state: an acknowledgement still waiting
+                // in this batch must not hide a message from the push pipeline.
+                if self.dirty.contains_key(&user) {
+                    self.commit();
+                }
+                let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|q| q.unread());
                 let _ = reply.send(r);
                 false
             }
