@@ -1060,7 +1060,7 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 }
 
 /// `write_all`, with a fault injection point under test.
-fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
     #[cfg(test)]
     if let Some((after, kind)) = fault::write_fault(path) {
         let n = after.min(buf.len());
@@ -1120,12 +1120,12 @@ pub(crate) mod fault {
         }
     }
 
-    pub(super) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
+    pub(crate) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
         let g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref()?.get(path).copied()
     }
 
-    pub(super) fn before_rename(path: &Path) -> Result<(), StoreError> {
+    pub(crate) fn before_rename(path: &Path) -> Result<(), StoreError> {
         let g = RENAMES.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_some_and(|m| m.contains_key(path)) {
             return Err(StoreError::Io {
