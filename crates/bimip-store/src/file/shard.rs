@@ -1081,6 +1081,8 @@ pub(crate) mod fault {
     use crate::StoreError;
 
     static WRITES: Mutex<Option<HashMap<PathBuf, (usize, std::io::ErrorKind)>>> = Mutex::new(None);
+    static WRITES_ONCE: Mutex<Option<HashMap<PathBuf, (usize, std::io::ErrorKind)>>> =
+        Mutex::new(None);
     static RENAMES: Mutex<Option<HashMap<PathBuf, ()>>> = Mutex::new(None);
     static PAUSED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -1098,6 +1100,13 @@ pub(crate) mod fault {
     /// Writes to `path` write `after` bytes, then fail with `kind` (until [`clear`]).
     pub fn fail_writes(path: &Path, after: usize, kind: std::io::ErrorKind) {
         let mut g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), (after, kind));
+    }
+
+    /// The next write to `path` writes `after` bytes, then fails with `kind`; later ones work.
+    pub fn fail_next_write(path: &Path, after: usize, kind: std::io::ErrorKind) {
+        let mut g = WRITES_ONCE.lock().unwrap_or_else(|p| p.into_inner());
         g.get_or_insert_with(HashMap::new)
             .insert(path.to_path_buf(), (after, kind));
     }
@@ -1121,6 +1130,14 @@ pub(crate) mod fault {
     }
 
     pub(crate) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
+        let once = WRITES_ONCE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|m| m.remove(path));
+        if once.is_some() {
+            return once;
+        }
         let g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref()?.get(path).copied()
     }

@@ -228,27 +228,36 @@ impl Writer {
         if items.is_empty() {
             return;
         }
-        if self.mode == FsyncMode::Always {
-            // One write and fsync per change; a `Sync` rides on the one before it.
-            let mut group: Vec<(Vec<u8>, Reply)> = Vec::new();
-            for (lines, reply) in items {
-                if !lines.is_empty() && !group.is_empty() {
-                    self.write_group(std::mem::take(&mut group));
-                }
-                group.push((lines, reply));
+        if self.mode != FsyncMode::Always {
+            let _ = self.write_group(items);
+            return;
+        }
+        // One write and fsync per change; a `Sync` rides on the one before it. After a failure
+        // the rest is refused unwritten: memory was read back without it.
+        let mut group: Vec<(Vec<u8>, Reply)> = Vec::new();
+        let mut failed: Option<StoreError> = None;
+        for (lines, reply) in items {
+            if failed.is_none() && !lines.is_empty() && !group.is_empty() {
+                failed = self.write_group(std::mem::take(&mut group)).err();
             }
-            self.write_group(group);
-        } else {
-            self.write_group(items);
+            match &failed {
+                Some(e) => drop(reply.send(Err(copy_err(e)))),
+                None => group.push((lines, reply)),
+            }
+        }
+        if failed.is_none() {
+            let _ = self.write_group(group);
         }
     }
 
-    fn write_group(&mut self, items: Vec<(Vec<u8>, Reply)>) {
+    /// Writes and syncs one group; on failure every change of it has been answered with the
+    /// error, which is returned (see [`Self::failed`]).
+    fn write_group(&mut self, items: Vec<(Vec<u8>, Reply)>) -> Result<(), StoreError> {
         let total: usize = items.iter().map(|(l, _)| l.len()).sum();
         if total == 0 {
             // Only `Sync`s: everything before them was made durable by an earlier round.
             items.into_iter().for_each(|(_, r)| drop(r.send(Ok(()))));
-            return;
+            return Ok(());
         }
         let mut buf = Vec::with_capacity(total);
         let mut replies = Vec::with_capacity(items.len());
@@ -271,8 +280,13 @@ impl Writer {
             Ok(()) => {
                 self.len += buf.len() as u64;
                 replies.into_iter().for_each(|r| drop(r.send(Ok(()))));
+                Ok(())
             }
-            Err(e) => self.failed(before, replies, e),
+            Err(e) => {
+                let copy = copy_err(&e);
+                self.failed(before, replies, e);
+                Err(copy)
+            }
         }
     }
 
