@@ -168,3 +168,75 @@ pub enum SetupError {
     #[error("{0}")]
     Invalid(String),
 }
+
+/// A device token as it may appear in a message or log: its first 4 characters and "…".
+pub fn mask_token(token: &str) -> String {
+    let head: String = token.chars().take(4).collect();
+    format!("{head}…")
+}
+
+/// Replaces every occurrence of `token` in a provider's error text by its masked form, so a
+/// reason never carries a device token. Also cuts the text to a readable length.
+pub(crate) fn scrub(text: &str, token: &str) -> String {
+    let text = if token.len() >= 8 {
+        text.replace(token, &mask_token(token))
+    } else {
+        text.to_owned()
+    };
+    match text.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// The string key/values the app receives with every push, whatever the provider (FCM `data`,
+/// APNs custom keys): bimip's own keys, then the message's `data` where it does not reuse one.
+/// `sender` carries [`PushMessage::from`] because FCM reserves the data key `from`. A
+/// [`Kind::Test`] push is a notification flagged `bimip_test = "1"`.
+pub(crate) fn app_data(msg: &PushMessage) -> BTreeMap<String, String> {
+    let mut data = msg.data.clone();
+    let kind = match msg.kind {
+        Kind::Test => {
+            data.insert("bimip_test".into(), "1".into());
+            Kind::Notification
+        }
+        kind => kind,
+    };
+    data.insert("type".into(), kind.name().into());
+    data.insert("sender".into(), msg.from.clone());
+    data.insert("message_id".into(), msg.message_id.clone());
+    data.insert("offset".into(), msg.offset.to_string());
+    data.insert("unread".into(), msg.unread.to_string());
+    data.insert("count".into(), msg.count.to_string());
+    data
+}
+
+/// Longest `collapse_id` APNs accepts (`apns-collapse-id`); FCM's `tag` gets the same.
+pub const MAX_COLLAPSE_ID_BYTES: usize = 64;
+
+/// Largest notification payload FCM and APNs accept.
+pub const MAX_PAYLOAD_BYTES: usize = 4096;
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking() {
+        assert_eq!(mask_token("abcdef0123456789"), "abcd…");
+        assert_eq!(mask_token("ab"), "ab…");
+        let tok = "fcm-token-0123456789";
+        assert_eq!(
+            scrub(&format!("token {tok} is bad"), tok),
+            "token fcm-… is bad"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(scrub(&long, "").chars().count(), 301);
+    }
+}
