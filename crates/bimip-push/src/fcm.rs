@@ -267,10 +267,9 @@ impl ServiceAccount {
     fn load(path: &Path) -> Result<ServiceAccount, SetupError> {
         let fail = |message: String| SetupError::File {
             path: path.display().to_string(),
-            message,
+            message: format!("FCM credentials: {message}"),
         };
-        let text = std::fs::read(path)
-            .map_err(|e| fail(format!("cannot read the FCM service-account file: {e}")))?;
+        let text = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
         // serde_json's syntax errors give a position, never the text around it.
         let json: Value = serde_json::from_slice(&text).map_err(|e| {
             fail(format!(
