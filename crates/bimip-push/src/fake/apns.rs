@@ -106,6 +106,8 @@ struct JwtState {
     current: Option<CurrentJwt>,
     /// JWTs whose signature and claims were checked (each is checked once).
     verified: HashSet<String>,
+    /// JWTs the fake called expired: refused with `ExpiredProviderToken` from then on.
+    expired: HashSet<String>,
     accepted: u64,
     refused_updates: u64,
 }
@@ -219,8 +221,9 @@ impl FakeApns {
     /// current provider JWT (as APNs does once a token is an hour old), and accepts a new JWT
     /// at once.
     pub fn expire_provider_token(&self) {
-        if let Some(current) = lock(&self.state.jwt).current.as_mut() {
-            current.expired = true;
+        let mut st = lock(&self.state.jwt);
+        if let Some(jwt) = st.current.as_ref().map(|c| c.jwt.clone()) {
+            st.expire(&jwt);
         }
     }
 
@@ -289,16 +292,13 @@ impl ApnsState {
             .and_then(|j| j.claim_i64("iat"))
             .unwrap_or(0);
         if now - iat > 3600 {
-            if let Some(current) = st.current.as_mut().filter(|c| c.jwt == token) {
-                current.expired = true;
-            }
+            st.expire(token);
+        }
+        // Apple keeps refusing a token it called expired.
+        if st.expired.contains(token) {
             return Err((403, "ExpiredProviderToken"));
         }
         match &st.current {
-            // Apple keeps refusing a token it called expired.
-            Some(current) if current.jwt == token && current.expired => {
-                Err((403, "ExpiredProviderToken"))
-            }
             Some(current) if current.jwt == token => Ok(()),
             Some(current) if !current.expired && current.since.elapsed() < JWT_MIN_INTERVAL => {
                 let after = current.since.elapsed();
@@ -323,7 +323,15 @@ impl ApnsState {
     }
 
     fn mark_expired(&self, token: &str) {
-        if let Some(current) = lock(&self.jwt).current.as_mut().filter(|c| c.jwt == token) {
+        lock(&self.jwt).expire(token);
+    }
+}
+
+impl JwtState {
+    /// Refuses `token` from now on; if it is the current one, a new one is welcome at once.
+    fn expire(&mut self, token: &str) {
+        self.expired.insert(token.to_owned());
+        if let Some(current) = self.current.as_mut().filter(|c| c.jwt == token) {
             current.expired = true;
         }
     }
