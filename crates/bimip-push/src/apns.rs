@@ -19,8 +19,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    MAX_COLLAPSE_ID_BYTES, MAX_PAYLOAD_BYTES, Outcome, Platform, Provider, PushMessage,
-    SetupError, app_data,
+    MAX_COLLAPSE_ID_BYTES, MAX_PAYLOAD_BYTES, Outcome, Platform, Provider, PushMessage, SetupError,
+    app_data,
     http::{HttpOptions, retry_after, transport_error},
     mask_token, scrub,
 };
@@ -112,7 +112,9 @@ impl Apns {
             .map_err(|e| fail(format!("cannot read the APNs key: {e}")))?;
         // jsonwebtoken's messages don't quote the key, but say only what is needed anyway.
         let key = EncodingKey::from_ec_pem(&pem).map_err(|_| {
-            fail("not an APNs signing key (expected the .p8 file: a PKCS#8 PEM EC P-256 key)".into())
+            fail(
+                "not an APNs signing key (expected the .p8 file: a PKCS#8 PEM EC P-256 key)".into(),
+            )
         })?;
         for (name, value) in [("key_id", &config.key_id), ("team_id", &config.team_id)] {
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -174,7 +176,11 @@ impl Apns {
             return Ok(jwt);
         }
         // One minter at a time; the others find its token when they get the lock.
-        let _minting = self.jwt.minting.lock().unwrap_or_else(PoisonError::into_inner);
+        let _minting = self
+            .jwt
+            .minting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if let Some(jwt) = self.jwt.usable(now, expired) {
             return Ok(jwt);
@@ -613,7 +619,11 @@ mod tests {
     #[test]
     fn gone_carries_the_timestamp_and_ok_the_id() {
         assert_eq!(
-            run(410, r#"{"reason":"Unregistered","timestamp":1700000000123}"#, None),
+            run(
+                410,
+                r#"{"reason":"Unregistered","timestamp":1700000000123}"#,
+                None
+            ),
             Reply::Done(Outcome::DropToken {
                 reason: "APNs 410 Unregistered".into(),
                 at_ms: Some(1_700_000_000_123)

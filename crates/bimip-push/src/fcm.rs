@@ -26,8 +26,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    MAX_COLLAPSE_ID_BYTES, MAX_PAYLOAD_BYTES, Outcome, Platform, Provider, PushMessage,
-    SetupError, app_data,
+    MAX_COLLAPSE_ID_BYTES, MAX_PAYLOAD_BYTES, Outcome, Platform, Provider, PushMessage, SetupError,
+    app_data,
     http::{HttpOptions, retry_after, transport_error},
     scrub,
 };
@@ -169,11 +169,11 @@ impl Fcm {
         if let Some(token) = self.token.fresh(stale) {
             return Ok(token);
         }
-        if self.token.attempts.load(Ordering::Acquire) != seen {
-            if let Some(failure) = last_failure.as_ref() {
-                // A fetch ran while we waited and failed: share its answer, don't repeat it.
-                return Err(failure.clone());
-            }
+        if self.token.attempts.load(Ordering::Acquire) != seen
+            && let Some(failure) = last_failure.as_ref()
+        {
+            // A fetch ran while we waited and failed: share its answer, don't repeat it.
+            return Err(failure.clone());
         }
         self.token.attempts.fetch_add(1, Ordering::AcqRel);
         match self.fetch_token().await {
@@ -281,14 +281,14 @@ impl ServiceAccount {
                 "not a service-account key file (expected a JSON object)".into(),
             ));
         };
-        if let Some(kind) = obj.get("type") {
-            if kind.as_str() != Some("service_account") {
-                return Err(fail(
-                    "field `type` is not \"service_account\" (download a service-account key from \
-                     the Firebase console: Project settings → Service accounts)"
-                        .into(),
-                ));
-            }
+        if let Some(kind) = obj.get("type")
+            && kind.as_str() != Some("service_account")
+        {
+            return Err(fail(
+                "field `type` is not \"service_account\" (download a service-account key from the \
+                 Firebase console: Project settings → Service accounts)"
+                    .into(),
+            ));
         }
         let field = |name: &str| -> Result<String, SetupError> {
             match obj.get(name) {
@@ -315,8 +315,10 @@ impl ServiceAccount {
         let pem = field("private_key")?;
         // The PEM parser's own errors may quote lines of the file: replace them.
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
-            fail("field `private_key` is not a PKCS#8 PEM private key (-----BEGIN PRIVATE KEY-----)"
-                .into())
+            fail(
+                "field `private_key` is not a PKCS#8 PEM private key (-----BEGIN PRIVATE KEY-----)"
+                    .into(),
+            )
         })?;
         let key = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| {
             fail(format!(
@@ -783,7 +785,11 @@ mod tests {
         let b = body(&m);
         let message = &b["message"];
         assert!(message["apns"]["payload"]["aps"].get("badge").is_none());
-        assert!(message["android"]["notification"].get("notification_count").is_none());
+        assert!(
+            message["android"]["notification"]
+                .get("notification_count")
+                .is_none()
+        );
         assert!(message["android"].get("ttl").is_none());
         assert!(message["android"]["notification"].get("tag").is_none());
         assert!(message["apns"]["headers"].get("apns-collapse-id").is_none());
@@ -791,7 +797,10 @@ mod tests {
         assert_eq!(message["data"]["bimip_test"], "1");
         assert_eq!(message["android"]["priority"], "NORMAL");
         assert_eq!(message["apns"]["headers"]["apns-priority"], "5");
-        assert_eq!(message["android"]["notification"]["channel_id"], "notification");
+        assert_eq!(
+            message["android"]["notification"]["channel_id"],
+            "notification"
+        );
         // Every data value is a string.
         assert!(
             message["data"]
@@ -823,8 +832,10 @@ mod tests {
     fn error(status: u16, code: Option<&str>, canonical: &str, message: &str) -> Vec<u8> {
         let mut details = vec![];
         if let Some(code) = code {
-            details.push(json!({"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
-                                "errorCode": code}));
+            details.push(
+                json!({"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                                "errorCode": code}),
+            );
         }
         json!({"error": {"code": status, "message": message, "status": canonical,
                          "details": details}})
@@ -854,23 +865,86 @@ mod tests {
     #[test]
     fn error_table() {
         let cases: &[(u16, Option<&str>, &str, &str, &str)] = &[
-            (404, Some("UNREGISTERED"), "NOT_FOUND", "Requested entity was not found.", "drop_token"),
-            (404, None, "NOT_FOUND", "Requested entity was not found.", "drop_token"),
-            (400, Some("INVALID_ARGUMENT"), "INVALID_ARGUMENT",
-             "The registration token is not a valid FCM registration token", "drop_token"),
-            (400, Some("INVALID_ARGUMENT"), "INVALID_ARGUMENT", "Invalid TTL", "invalid"),
-            (403, Some("SENDER_ID_MISMATCH"), "PERMISSION_DENIED", "SenderId mismatch", "drop_token"),
-            (401, Some("THIRD_PARTY_AUTH_ERROR"), "UNAUTHENTICATED", "Auth error from APNS", "provider_config"),
-            (403, None, "PERMISSION_DENIED", "The caller does not have permission", "provider_config"),
-            (429, Some("QUOTA_EXCEEDED"), "RESOURCE_EXHAUSTED", "Quota exceeded", "retry"),
-            (503, Some("UNAVAILABLE"), "UNAVAILABLE", "The service is currently unavailable.", "retry"),
+            (
+                404,
+                Some("UNREGISTERED"),
+                "NOT_FOUND",
+                "Requested entity was not found.",
+                "drop_token",
+            ),
+            (
+                404,
+                None,
+                "NOT_FOUND",
+                "Requested entity was not found.",
+                "drop_token",
+            ),
+            (
+                400,
+                Some("INVALID_ARGUMENT"),
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                "drop_token",
+            ),
+            (
+                400,
+                Some("INVALID_ARGUMENT"),
+                "INVALID_ARGUMENT",
+                "Invalid TTL",
+                "invalid",
+            ),
+            (
+                403,
+                Some("SENDER_ID_MISMATCH"),
+                "PERMISSION_DENIED",
+                "SenderId mismatch",
+                "drop_token",
+            ),
+            (
+                401,
+                Some("THIRD_PARTY_AUTH_ERROR"),
+                "UNAUTHENTICATED",
+                "Auth error from APNS",
+                "provider_config",
+            ),
+            (
+                403,
+                None,
+                "PERMISSION_DENIED",
+                "The caller does not have permission",
+                "provider_config",
+            ),
+            (
+                429,
+                Some("QUOTA_EXCEEDED"),
+                "RESOURCE_EXHAUSTED",
+                "Quota exceeded",
+                "retry",
+            ),
+            (
+                503,
+                Some("UNAVAILABLE"),
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
+                "retry",
+            ),
             (500, Some("INTERNAL"), "INTERNAL", "Internal error", "retry"),
-            (401, None, "UNAUTHENTICATED", "Request had invalid authentication credentials.", "refresh"),
+            (
+                401,
+                None,
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials.",
+                "refresh",
+            ),
             (502, None, "", "", "retry"),
             (400, None, "FAILED_PRECONDITION", "odd", "invalid"),
         ];
         for (status, code, canonical, message, want) in cases {
-            let got = label(run(*status, &error(*status, *code, canonical, message), None));
+            let got = label(run(
+                *status,
+                &error(*status, *code, canonical, message),
+                None,
+            ));
             assert_eq!(got, *want, "{status} {code:?} {canonical}");
         }
     }

@@ -110,7 +110,9 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // Absurdly long values saturate rather than fail.
-        return Some(Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX)));
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
     }
     let at = parse_http_date(value)?;
     let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
@@ -122,9 +124,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 pub fn parse_http_date(s: &str) -> Option<u64> {
     let parts: Vec<&str> = s.split_ascii_whitespace().collect();
     let (day, month, year, time) = match parts.as_slice() {
-        [wd, day, mon, year, time, "GMT"] if wd.ends_with(',') => {
-            (day.parse().ok()?, month_number(mon)?, year.parse().ok()?, *time)
-        }
+        [wd, day, mon, year, time, "GMT"] if wd.ends_with(',') => (
+            day.parse().ok()?,
+            month_number(mon)?,
+            year.parse().ok()?,
+            *time,
+        ),
         [wd, date, time, "GMT"] if wd.ends_with(',') => {
             let mut it = date.split('-');
             let day = it.next()?.parse().ok()?;
@@ -143,7 +148,12 @@ pub fn parse_http_date(s: &str) -> Option<u64> {
             };
             (day, mon, year, *time)
         }
-        [_wd, mon, day, time, year] => (day.parse().ok()?, month_number(mon)?, year.parse().ok()?, *time),
+        [_wd, mon, day, time, year] => (
+            day.parse().ok()?,
+            month_number(mon)?,
+            year.parse().ok()?,
+            *time,
+        ),
         _ => return None,
     };
     let mut hms = time.split(':');
@@ -170,8 +180,21 @@ fn month_number(s: &str) -> Option<u64> {
 /// Days since 1970-01-01 of a proleptic Gregorian date (year ≥ 1970), or `None` for a day that
 /// does not exist in that month.
 fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     let len = *month_days.get(usize::try_from(month.checked_sub(1)?).ok()?)?;
     if day > len {
         return None;
@@ -246,7 +269,10 @@ mod tests {
             parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"),
             Some(784_111_777)
         );
-        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(784_111_777));
+        assert_eq!(
+            parse_http_date("Sun Nov  6 08:49:37 1994"),
+            Some(784_111_777)
+        );
         // 2000-03-01 (after a leap day in a century leap year) = 951868800.
         assert_eq!(
             parse_http_date("Wed, 01 Mar 2000 00:00:00 GMT"),
@@ -286,7 +312,10 @@ mod tests {
             extra_ca_file: Some(missing.clone()),
             ..HttpOptions::default()
         };
-        let err = client(&opts).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = client(&opts)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("nope.pem"), "{err}");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap_or_else(|e| panic!("{e}"));
@@ -294,7 +323,10 @@ mod tests {
             extra_ca_file: Some(empty),
             ..HttpOptions::default()
         };
-        let err = http2_client(&opts).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = http2_client(&opts)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("empty.pem"), "{err}");
     }
 

@@ -45,7 +45,10 @@ pub enum SecretError {
 impl Secret {
     /// Parses `whsec_<base64>` (standard alphabet, padded), 24 to 64 bytes as the spec asks.
     pub fn parse(s: &str) -> Result<Secret, SecretError> {
-        let b64 = s.trim().strip_prefix(PREFIX).ok_or(SecretError::MissingPrefix)?;
+        let b64 = s
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(SecretError::MissingPrefix)?;
         let key = STANDARD.decode(b64).map_err(|_| SecretError::NotBase64)?;
         Secret::from_bytes(key)
     }
@@ -196,7 +199,10 @@ mod tests {
         let s = secret();
         assert_eq!(verify(&s, ID, "1614265330", EXPECTED, BODY, TS), Ok(()));
         let rotated = format!("v1,bm90IHRoaXMgb25l v1a,xyz {EXPECTED}");
-        assert_eq!(verify(&s, ID, "1614265330", &rotated, BODY, TS + 299), Ok(()));
+        assert_eq!(
+            verify(&s, ID, "1614265330", &rotated, BODY, TS + 299),
+            Ok(())
+        );
     }
 
     #[test]

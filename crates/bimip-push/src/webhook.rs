@@ -293,7 +293,12 @@ mod tests {
     fn answers() {
         let mut h = http::HeaderMap::new();
         let label = |c: u16, h: &http::HeaderMap| {
-            outcome("t", StatusCode::from_u16(c).unwrap_or_else(|e| panic!("{e}")), h).label()
+            outcome(
+                "t",
+                StatusCode::from_u16(c).unwrap_or_else(|e| panic!("{e}")),
+                h,
+            )
+            .label()
         };
         for (code, want) in [
             (200, "sent"),

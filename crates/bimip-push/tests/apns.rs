@@ -69,13 +69,18 @@ async fn sends_over_h2c_with_a_verified_es256_token() {
                "unread": "3", "count": "2", "room": "r1"})
     );
     assert_eq!(s.fake.jwts_accepted(), 1);
-    assert!(s.fake.auth_failures().is_empty(), "{:?}", s.fake.auth_failures());
+    assert!(
+        s.fake.auth_failures().is_empty(),
+        "{:?}",
+        s.fake.auth_failures()
+    );
 }
 
 #[tokio::test]
 async fn the_apns_id_is_stable_across_retries() {
     let s = setup().await;
-    s.fake.push_reply(ApnsReply::ServiceUnavailable { retry_after: None });
+    s.fake
+        .push_reply(ApnsReply::ServiceUnavailable { retry_after: None });
     assert_eq!(s.apns.send(&msg()).await.label(), "retry");
     assert_eq!(s.apns.send(&msg()).await.label(), "sent");
     let ids: Vec<_> = s
@@ -135,7 +140,11 @@ async fn expired_provider_token_is_reminted_once_and_the_send_retried() {
     assert_eq!(s.apns.send(&msg()).await.label(), "sent");
     assert_eq!(s.fake.jwts_accepted(), 2);
     assert_eq!(s.fake.token_updates_refused(), 0);
-    assert!(s.fake.auth_failures().is_empty(), "{:?}", s.fake.auth_failures());
+    assert!(
+        s.fake.auth_failures().is_empty(),
+        "{:?}",
+        s.fake.auth_failures()
+    );
     let requests = s.fake.requests();
     let last = requests.last().unwrap();
     assert_eq!(last.status, 200);
@@ -153,7 +162,10 @@ async fn expired_twice_is_a_provider_config_error() {
     let s = setup().await;
     assert_eq!(s.apns.send(&msg()).await.label(), "sent");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    s.fake.push_replies([ApnsReply::ExpiredProviderToken, ApnsReply::ExpiredProviderToken]);
+    s.fake.push_replies([
+        ApnsReply::ExpiredProviderToken,
+        ApnsReply::ExpiredProviderToken,
+    ]);
     match s.apns.send(&msg()).await {
         Outcome::ProviderConfig { reason } => assert!(reason.contains("clock"), "{reason}"),
         other => panic!("{other:?}"),
@@ -306,7 +318,10 @@ async fn key_errors_are_clear_and_never_show_the_key() {
         ..good.clone()
     };
     let message = error(&missing);
-    assert!(message.contains("AuthKey_missing.p8") && message.contains("cannot read"), "{message}");
+    assert!(
+        message.contains("AuthKey_missing.p8") && message.contains("cannot read"),
+        "{message}"
+    );
 
     // A damaged key file: its lines must not show up in the error.
     let pem = fake.key_pem();
@@ -317,7 +332,10 @@ async fn key_errors_are_clear_and_never_show_the_key() {
         key: damaged,
         ..good.clone()
     });
-    assert!(message.contains("damaged.p8") && message.contains(".p8"), "{message}");
+    assert!(
+        message.contains("damaged.p8") && message.contains(".p8"),
+        "{message}"
+    );
     for line in pem.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!message.contains(line), "{message}");
     }

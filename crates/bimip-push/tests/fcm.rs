@@ -348,7 +348,10 @@ async fn a_slow_fcm_is_a_retry() {
     .await;
     s.fake.push_reply(FcmReply::Delay(Duration::from_secs(2)));
     match s.fcm.send(&msg()).await {
-        Outcome::Retry { after: None, reason } => assert!(reason.contains("timed out"), "{reason}"),
+        Outcome::Retry {
+            after: None,
+            reason,
+        } => assert!(reason.contains("timed out"), "{reason}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(s.fake.wait_for_requests(1, T).await.len(), 1);
@@ -392,11 +395,19 @@ async fn the_fake_refuses_what_fcm_refuses() {
     let no_auth = post(json!({"message": {"token": "x"}}), None).await;
     assert_eq!(no_auth.status(), 401);
     assert_eq!(s.fake.auth_failures().len(), 1);
-    let number = post(json!({"message": {"token": "x", "data": {"n": 1}}}), Some("t1")).await;
+    let number = post(
+        json!({"message": {"token": "x", "data": {"n": 1}}}),
+        Some("t1"),
+    )
+    .await;
     assert_eq!(number.status(), 400);
     let text = number.text().await.unwrap();
     assert!(text.contains("message.data[0].value"), "{text}");
-    let reserved = post(json!({"message": {"token": "x", "data": {"from": "a"}}}), Some("t1")).await;
+    let reserved = post(
+        json!({"message": {"token": "x", "data": {"from": "a"}}}),
+        Some("t1"),
+    )
+    .await;
     assert_eq!(reserved.status(), 400);
     let no_token = post(json!({"message": {"data": {}}}), Some("t1")).await;
     assert_eq!(no_token.status(), 400);
@@ -499,7 +510,10 @@ async fn credential_errors_are_clear_and_never_show_the_key() {
     let apns = bimip_push::fake::FakeApns::start().await.unwrap();
     let ec = with(&|v| v["private_key"] = json!(apns.key_pem()));
     let message = error(write(dir.path(), "ec.json", &ec));
-    assert!(message.contains("not a usable RSA private key"), "{message}");
+    assert!(
+        message.contains("not a usable RSA private key"),
+        "{message}"
+    );
     let ec_pem = apns.key_pem();
     assert!(
         !ec_pem

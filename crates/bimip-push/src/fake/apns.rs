@@ -360,7 +360,16 @@ fn validate(token: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal
     let push_type = header("apns-push-type");
     if !matches!(
         push_type,
-        Some("alert" | "background" | "voip" | "liveactivity" | "complication" | "fileprovider" | "mdm" | "location")
+        Some(
+            "alert"
+                | "background"
+                | "voip"
+                | "liveactivity"
+                | "complication"
+                | "fileprovider"
+                | "mdm"
+                | "location"
+        )
     ) {
         return Err((400, "InvalidPushType"));
     }
@@ -405,7 +414,10 @@ async fn push(
     let jwt = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bearer ").or_else(|| v.strip_prefix("Bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("bearer ")
+                .or_else(|| v.strip_prefix("Bearer "))
+        })
         .unwrap_or("")
         .to_owned();
     let apns_id = headers
@@ -433,9 +445,13 @@ async fn push(
         Ok(()) => match state.script.next(Some(&device_token)) {
             ApnsReply::Ok => (200, None, None, None, None),
             ApnsReply::Delay(d) => (200, None, None, Some(d), None),
-            ApnsReply::Unregistered { timestamp_ms } => {
-                (410, Some("Unregistered".into()), None, None, Some(timestamp_ms))
-            }
+            ApnsReply::Unregistered { timestamp_ms } => (
+                410,
+                Some("Unregistered".into()),
+                None,
+                None,
+                Some(timestamp_ms),
+            ),
             ApnsReply::BadDeviceToken => (400, Some("BadDeviceToken".into()), None, None, None),
             ApnsReply::ExpiredProviderToken => {
                 state.mark_expired(&jwt);
@@ -444,9 +460,13 @@ async fn push(
             ApnsReply::TooManyRequests { retry_after } => {
                 (429, Some("TooManyRequests".into()), retry_after, None, None)
             }
-            ApnsReply::ServiceUnavailable { retry_after } => {
-                (503, Some("ServiceUnavailable".into()), retry_after, None, None)
-            }
+            ApnsReply::ServiceUnavailable { retry_after } => (
+                503,
+                Some("ServiceUnavailable".into()),
+                retry_after,
+                None,
+                None,
+            ),
             ApnsReply::Reason { status, reason } => (status, Some(reason), None, None, None),
         },
     };

@@ -359,7 +359,11 @@ async fn token(State(state): State<Arc<FcmState>>, body: Bytes) -> Response {
     }
     let Some(assertion) = form.get("assertion") else {
         state.auth_failure("token: no assertion".into());
-        return oauth_error(400, "invalid_request", "Missing required parameter: assertion");
+        return oauth_error(
+            400,
+            "invalid_request",
+            "Missing required parameter: assertion",
+        );
     };
     if let Err(why) = state.check_assertion(assertion, crate::unix_now()) {
         state.auth_failure(format!("token: {why}"));
@@ -392,25 +396,31 @@ fn field_violation(field: &str, description: &str) -> Vec<Value> {
 /// What FCM itself would refuse in a message, before any script applies.
 fn validate(body: Option<&Value>) -> Option<(u16, Value)> {
     let invalid = |message: &str, details: Vec<Value>| {
-        Some((
-            400,
-            google_error(400, "INVALID_ARGUMENT", message, details),
-        ))
+        Some((400, google_error(400, "INVALID_ARGUMENT", message, details)))
     };
-    let Some(message) = body.and_then(|b| b.get("message")).filter(|m| m.is_object()) else {
+    let Some(message) = body
+        .and_then(|b| b.get("message"))
+        .filter(|m| m.is_object())
+    else {
         return invalid("Invalid JSON payload received.", vec![]);
     };
-    if !message
+    if message
         .get("token")
         .and_then(Value::as_str)
-        .is_some_and(|t| !t.is_empty())
+        .is_none_or(str::is_empty)
     {
-        return invalid("Recipient of the message is not set.", vec![fcm_error("INVALID_ARGUMENT")]);
+        return invalid(
+            "Recipient of the message is not set.",
+            vec![fcm_error("INVALID_ARGUMENT")],
+        );
     }
     let mut size = 0;
     if let Some(data) = message.get("data") {
         let Some(data) = data.as_object() else {
-            return invalid("Invalid value at 'message.data'", field_violation("message.data", "not a map"));
+            return invalid(
+                "Invalid value at 'message.data'",
+                field_violation("message.data", "not a map"),
+            );
         };
         for (i, (key, value)) in data.iter().enumerate() {
             let Some(value) = value.as_str() else {
@@ -443,13 +453,13 @@ fn validate(body: Option<&Value>) -> Option<(u16, Value)> {
     if size > crate::MAX_PAYLOAD_BYTES {
         return invalid("Message is too big", vec![fcm_error("INVALID_ARGUMENT")]);
     }
-    if let Some(p) = message.pointer("/android/priority") {
-        if !matches!(p.as_str(), Some("HIGH" | "NORMAL")) {
-            return invalid(
-                "Invalid value at 'message.android.priority'",
-                field_violation("message.android.priority", "Invalid value"),
-            );
-        }
+    if let Some(p) = message.pointer("/android/priority")
+        && !matches!(p.as_str(), Some("HIGH" | "NORMAL"))
+    {
+        return invalid(
+            "Invalid value at 'message.android.priority'",
+            field_violation("message.android.priority", "Invalid value"),
+        );
     }
     if let Some(ttl) = message.pointer("/android/ttl") {
         let ok = ttl
@@ -464,13 +474,13 @@ fn validate(body: Option<&Value>) -> Option<(u16, Value)> {
             );
         }
     }
-    if let Some(headers) = message.pointer("/apns/headers").and_then(Value::as_object) {
-        if headers.values().any(|v| !v.is_string()) {
-            return invalid(
-                "Invalid value at 'message.apns.headers'",
-                field_violation("message.apns.headers", "values must be strings"),
-            );
-        }
+    if let Some(headers) = message.pointer("/apns/headers").and_then(Value::as_object)
+        && headers.values().any(|v| !v.is_string())
+    {
+        return invalid(
+            "Invalid value at 'message.apns.headers'",
+            field_violation("message.apns.headers", "values must be strings"),
+        );
     }
     None
 }
@@ -492,49 +502,89 @@ fn render(reply: FcmReply, n: u64) -> (u16, Value, Option<String>, Option<Durati
         ),
         FcmReply::Unavailable { retry_after } => (
             503,
-            google_error(503, "UNAVAILABLE", "The service is currently unavailable.", vec![fcm_error("UNAVAILABLE")]),
+            google_error(
+                503,
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
+                vec![fcm_error("UNAVAILABLE")],
+            ),
             retry_after,
             None,
         ),
         FcmReply::Internal { retry_after } => (
             500,
-            google_error(500, "INTERNAL", "Internal error encountered.", vec![fcm_error("INTERNAL")]),
+            google_error(
+                500,
+                "INTERNAL",
+                "Internal error encountered.",
+                vec![fcm_error("INTERNAL")],
+            ),
             retry_after,
             None,
         ),
         FcmReply::QuotaExceeded { retry_after } => (
             429,
-            google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Send requests'.", vec![fcm_error("QUOTA_EXCEEDED")]),
+            google_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Quota exceeded for quota metric 'Send requests'.",
+                vec![fcm_error("QUOTA_EXCEEDED")],
+            ),
             retry_after,
             None,
         ),
         FcmReply::Unregistered => (
             404,
-            google_error(404, "NOT_FOUND", "Requested entity was not found.", vec![fcm_error("UNREGISTERED")]),
+            google_error(
+                404,
+                "NOT_FOUND",
+                "Requested entity was not found.",
+                vec![fcm_error("UNREGISTERED")],
+            ),
             None,
             None,
         ),
         FcmReply::InvalidToken => (
             400,
-            google_error(400, "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token", vec![fcm_error("INVALID_ARGUMENT")]),
+            google_error(
+                400,
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                vec![fcm_error("INVALID_ARGUMENT")],
+            ),
             None,
             None,
         ),
         FcmReply::InvalidField { field } => (
             400,
-            google_error(400, "INVALID_ARGUMENT", &format!("Invalid value at '{field}'"), field_violation(&field, "Invalid value")),
+            google_error(
+                400,
+                "INVALID_ARGUMENT",
+                &format!("Invalid value at '{field}'"),
+                field_violation(&field, "Invalid value"),
+            ),
             None,
             None,
         ),
         FcmReply::SenderIdMismatch => (
             403,
-            google_error(403, "PERMISSION_DENIED", "SenderId mismatch", vec![fcm_error("SENDER_ID_MISMATCH")]),
+            google_error(
+                403,
+                "PERMISSION_DENIED",
+                "SenderId mismatch",
+                vec![fcm_error("SENDER_ID_MISMATCH")],
+            ),
             None,
             None,
         ),
         FcmReply::ThirdPartyAuthError => (
             401,
-            google_error(401, "UNAUTHENTICATED", "Auth error from APNS or Web Push Service", vec![fcm_error("THIRD_PARTY_AUTH_ERROR")]),
+            google_error(
+                401,
+                "UNAUTHENTICATED",
+                "Auth error from APNS or Web Push Service",
+                vec![fcm_error("THIRD_PARTY_AUTH_ERROR")],
+            ),
             None,
             None,
         ),
@@ -587,7 +637,12 @@ async fn send(
     } else if project != FakeFcm::PROJECT_ID {
         (
             403,
-            google_error(403, "PERMISSION_DENIED", "Permission 'cloudmessaging.messages.create' denied on resource", vec![]),
+            google_error(
+                403,
+                "PERMISSION_DENIED",
+                "Permission 'cloudmessaging.messages.create' denied on resource",
+                vec![],
+            ),
             None,
             None,
         )

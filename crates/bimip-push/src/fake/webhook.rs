@@ -77,9 +77,7 @@ impl FakeWebhook {
             script: Scripted::new(WebhookReply::Status(200)),
             log: Log::new(),
         });
-        let router = Router::new()
-            .fallback(receive)
-            .with_state(state.clone());
+        let router = Router::new().fallback(receive).with_state(state.clone());
         let listener = Server::bind().await?;
         let server = Server::run(listener, router, Protocols::Any, None)?;
         Ok(FakeWebhook { state, server })
@@ -162,10 +160,10 @@ async fn receive(
         tokio::time::sleep(delay).await;
     }
     let mut response = json_response(status, &json!({}), None);
-    if let Some((name, value)) = extra {
-        if let Ok(value) = http::HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, value);
-        }
+    if let Some((name, value)) = extra
+        && let Ok(value) = http::HeaderValue::from_str(&value)
+    {
+        response.headers_mut().insert(name, value);
     }
     response
 }

@@ -47,15 +47,41 @@ pub fn openssl(dir: &Path, args: &[&str]) {
 /// localhost signed by it) in `dir`. webpki refuses a self-signed certificate used as the
 /// server's own, hence the CA.
 pub fn make_test_ca(dir: &Path) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let ca: Vec<&str> = [&["req", "-x509"][..], &ec, &[
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bimip push test CA",
-    ]]
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca: Vec<&str> = [
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=bimip push test CA",
+        ],
+    ]
     .concat();
     openssl(dir, &ca);
-    let csr: Vec<&str> = [&["req"][..], &ec, &[
-        "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost",
-    ]]
+    let csr: Vec<&str> = [
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
     .concat();
     openssl(dir, &csr);
     std::fs::write(
@@ -63,8 +89,24 @@ pub fn make_test_ca(dir: &Path) {
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
     )
     .unwrap();
-    openssl(dir, &[
-        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "cert.pem", "-days", "1", "-extfile", "leaf.ext",
-    ]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
 }
