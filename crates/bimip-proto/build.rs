@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("bimip/v1/bimip.proto"),
         root.join("bimip/store/v1/records.proto"),
+        root.join("bimip/store/v1/push.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

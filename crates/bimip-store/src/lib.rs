@@ -8,13 +8,17 @@
 
 pub mod error;
 pub mod file;
+pub mod push;
 pub mod types;
 
 pub use error::StoreError;
 pub use file::{
-    CheckReport, DEFAULT_MAX_QUEUE_ITEMS, DEFAULT_RETENTION, FileStore, FsyncMode, Problem,
-    RecoveryReport, StoreConfig, StoreObserver, UserFiles, check_data_dir, inspect_user, user_dir,
+    CheckReport, DEFAULT_MAX_QUEUE_ITEMS, DEFAULT_RETENTION, FileStore, FsyncMode,
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_TOKEN_BYTES, Problem, PushTuning, PushUserFiles, RecoveryReport,
+    StoreConfig, StoreObserver, UserFiles, check_data_dir, inspect_push_user, inspect_user,
+    user_dir,
 };
+pub use push::{PushStore, SenderUnread, TokenMatch, Unread};
 pub use types::*;
 
 use std::future::Future;
@@ -72,6 +76,11 @@ pub trait QueueStore: Send + Sync {
         user: &str,
         device: &str,
     ) -> impl Future<Output = Result<PendingForDevice, StoreError>> + Send;
+
+    /// The user's unread chat per sender, counted from the furthest cursor of any of its
+    /// devices (DELIVERED or READ): what no device has acknowledged yet. The push pipeline reads
+    /// the badge (`total`) and whether a message was acknowledged here; no payload is read.
+    fn unread(&self, user: &str) -> impl Future<Output = Result<Unread, StoreError>> + Send;
 
     /// Flushes and fsyncs everything written so far, then stops accepting operations.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
@@ -176,9 +185,100 @@ impl QueueStore for Store {
             Store::File(s) => s.pending(user, device).await,
         }
     }
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
+        match self {
+            Store::File(s) => s.unread(user).await,
+        }
+    }
     async fn shutdown(&self) {
         match self {
             Store::File(s) => s.shutdown().await,
+        }
+    }
+}
+
+impl PushStore for Store {
+    async fn put_device_token(
+        &self,
+        token: push::DeviceToken,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        match self {
+            Store::File(s) => s.put_device_token(token).await,
+        }
+    }
+    async fn remove_device_token(
+        &self,
+        user: &str,
+        device: &str,
+        only_if: Option<TokenMatch>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::File(s) => s.remove_device_token(user, device, only_if).await,
+        }
+    }
+    async fn device_tokens(&self, user: &str) -> Result<Vec<push::DeviceToken>, StoreError> {
+        match self {
+            Store::File(s) => s.device_tokens(user).await,
+        }
+    }
+    async fn has_device_tokens(&self, user: &str) -> bool {
+        match self {
+            Store::File(s) => s.has_device_tokens(user).await,
+        }
+    }
+    async fn note_pushed(&self, user: &str, device: &str, at: i64) {
+        match self {
+            Store::File(s) => s.note_pushed(user, device, at).await,
+        }
+    }
+    async fn set_mute(&self, user: &str, other: &str, muted: bool) -> Result<bool, StoreError> {
+        match self {
+            Store::File(s) => s.set_mute(user, other, muted).await,
+        }
+    }
+    async fn mutes(&self, user: &str) -> Result<Vec<push::Mute>, StoreError> {
+        match self {
+            Store::File(s) => s.mutes(user).await,
+        }
+    }
+    async fn is_muted(&self, user: &str, other: &str) -> bool {
+        match self {
+            Store::File(s) => s.is_muted(user, other).await,
+        }
+    }
+    async fn put_jobs(&self, jobs: Vec<push::OutboxJob>) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.put_jobs(jobs).await,
+        }
+    }
+    async fn remove_jobs(&self, jobs: Vec<(u64, u64)>) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.remove_jobs(jobs).await,
+        }
+    }
+    async fn jobs(&self) -> Result<Vec<push::OutboxJob>, StoreError> {
+        match self {
+            Store::File(s) => s.jobs().await,
+        }
+    }
+    async fn add_dead_letter(&self, dead: push::DeadLetter) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.add_dead_letter(dead).await,
+        }
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<push::DeadLetter>, StoreError> {
+        match self {
+            Store::File(s) => s.dead_letters(limit).await,
+        }
+    }
+    async fn idempotency(&self, key: &str) -> Result<Option<push::IdempotencyRecord>, StoreError> {
+        match self {
+            Store::File(s) => s.idempotency(key).await,
+        }
+    }
+    async fn put_idempotency(&self, rec: push::IdempotencyRecord) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.put_idempotency(rec).await,
         }
     }
 }

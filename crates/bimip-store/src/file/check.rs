@@ -2,7 +2,8 @@
 //! every line's Base64, CRC and protobuf, offset monotonicity, the index's consistency with the
 //! queue and the profile files. With `repair`, what start-up recovery would fix is fixed the same
 //! way (torn tails cut, files with bad lines rewritten without them and the original kept aside,
-//! corrupt profiles moved aside); nothing is deleted.
+//! corrupt profiles moved aside); nothing is deleted. The push files are checked too (see
+//! `push::recovery::check_push`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    fn found(&mut self, path: &Path, line: u64, reason: impl Into<String>, fixed: bool) {
+    pub(super) fn found(&mut self, path: &Path, line: u64, reason: impl Into<String>, fixed: bool) {
         let p = Problem {
             path: path.to_path_buf(),
             line,
@@ -62,15 +63,24 @@ impl CheckReport {
 /// server uses the data dir; without it nothing is written.
 pub fn check_data_dir(data_dir: &Path, repair: bool) -> Result<CheckReport, StoreError> {
     let mut report = CheckReport::default();
+    if !data_dir.is_dir() {
+        return Err(io_err(
+            data_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such data dir"),
+        ));
+    }
+    check_users(data_dir, repair, &mut report)?;
+    super::push::check_push(data_dir, repair, bimip_proto::now_ms(), &mut report)?;
+    report.problems.sort();
+    report.repaired.sort();
+    Ok(report)
+}
+
+/// Every user folder under `<data_dir>/bimip/`.
+fn check_users(data_dir: &Path, repair: bool, report: &mut CheckReport) -> Result<(), StoreError> {
     let root = data_dir.join("bimip");
     if !root.is_dir() {
-        if !data_dir.is_dir() {
-            return Err(io_err(
-                data_dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such data dir"),
-            ));
-        }
-        return Ok(report);
+        return Ok(());
     }
     let mut prefixes: Vec<_> = fs::read_dir(&root)
         .map_err(|e| io_err(&root, e))?
@@ -118,12 +128,10 @@ pub fn check_data_dir(data_dir: &Path, repair: bool) -> Result<CheckReport, Stor
                 continue;
             }
             report.users += 1;
-            check_user(data_dir, &name, repair, &mut report)?;
+            check_user(data_dir, &name, repair, report)?;
         }
     }
-    report.problems.sort();
-    report.repaired.sort();
-    Ok(report)
+    Ok(())
 }
 
 /// Reports a checked file's bad lines and torn tail; with `repair`, fixes them.

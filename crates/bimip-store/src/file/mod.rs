@@ -1,6 +1,7 @@
 //! The embedded file store (SPEC §6.1): per-user append-only files of Base64 lines
 //! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
-//! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]).
+//! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]). Next to the users, the
+//! push store ([`push`]): one in-memory state with its own writer, snapshots and logs.
 
 mod check;
 #[cfg(test)]
@@ -8,6 +9,7 @@ mod compaction_tests;
 mod profile;
 #[cfg(test)]
 mod profile_tests;
+mod push;
 mod queue;
 pub mod record;
 mod recovery;
@@ -28,11 +30,14 @@ use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
 pub use check::{CheckReport, Problem, check_data_dir};
 use profile::{Edit, Edited};
+pub use push::{
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_TOKEN_BYTES, PushTuning, PushUserFiles, inspect_push_user,
+};
 use shard::{Cmd, Inbox, Shard, ShardConfig};
 
 use crate::{
     AckOutcome, AckRequest, Appended, CopyTo, NewItem, Pending, PendingForDevice, PresenceUpdate,
-    Profile, ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError,
+    Profile, ProfileStore, QueueStore, ReadBatch, ReadRequest, StoreError, Unread,
 };
 
 /// When appends are fsynced before they are acknowledged.
@@ -113,6 +118,8 @@ pub struct FileStore {
 
 struct Inner {
     shards: Vec<mpsc::Sender<Cmd>>,
+    /// Device tokens, mutes, the outbox's jobs, dead letters, idempotency records.
+    push: push::PushFiles,
     closed: AtomicBool,
     /// Serializes profile changes that touch the same users (striped by user id hash): a
     /// cross-user change locks the stripes of every user it touches, in index order.
@@ -170,14 +177,24 @@ fn check_user(user: &str) -> Result<(), StoreError> {
 }
 
 impl FileStore {
-    /// Recovers every user's files (see [`RecoveryReport`]) and starts the shard threads.
+    /// Recovers every user's files and the push files (see [`RecoveryReport`]) and starts the
+    /// shard threads and the push writer.
     pub fn open(cfg: StoreConfig) -> Result<(FileStore, RecoveryReport), StoreError> {
+        FileStore::open_with(cfg, PushTuning::default())
+    }
+
+    /// [`FileStore::open`] with the push store's compaction and tombstone settings.
+    pub fn open_with(
+        cfg: StoreConfig,
+        push: PushTuning,
+    ) -> Result<(FileStore, RecoveryReport), StoreError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| recovery::io_err(&cfg.data_dir, e))?;
         let limits = queue::Limits {
             retention_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
             max_items: cfg.max_queue_items,
         };
-        let report = recovery::recover(&cfg.data_dir, cfg.repair, limits)?;
+        let mut report = recovery::recover(&cfg.data_dir, cfg.repair, limits)?;
+        let push = push::PushFiles::open(&cfg.data_dir, cfg.fsync, cfg.repair, push, &mut report)?;
         let n = cfg.shards.max(1);
         let mut due: Vec<Vec<String>> = vec![Vec::new(); n];
         for user in &report.compaction_due {
@@ -240,6 +257,7 @@ impl FileStore {
             FileStore {
                 inner: Arc::new(Inner {
                     shards,
+                    push,
                     closed: AtomicBool::new(false),
                     relation_locks: (0..RELATION_STRIPES).map(|_| Mutex::new(())).collect(),
                 }),
@@ -526,6 +544,16 @@ impl QueueStore for FileStore {
         self.send(user, cmd).await?;
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
+        check_user(user)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Unread {
+            user: user.to_string(),
+            reply,
+        };
+        self.send(user, cmd).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
     async fn shutdown(&self) {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -545,6 +573,16 @@ impl QueueStore for FileStore {
                 let _ = rx.await;
             }
         }
+        self.inner.push.shutdown().await;
+    }
+}
+
+impl FileStore {
+    /// Tests: the push writer stops as in a crash (see `PushFiles::crash`), the shards stop.
+    #[cfg(test)]
+    pub(crate) async fn crash_push(&self) {
+        self.inner.push.crash().await;
+        self.shutdown().await;
     }
 }
 

@@ -16,7 +16,7 @@ use bimip_proto::v1::{Partition, ReceiptKind};
 use super::record::{decode_line, encode_line_into};
 use crate::{
     AckOutcome, AckRequest, Appended, Item, NewItem, PendingForDevice, ReadBatch, ReadRequest,
-    SenderPending, StoreError,
+    SenderPending, SenderUnread, StoreError, Unread,
 };
 
 /// Offsets of one (partition, sender), in order, so RESUME and summaries never scan the whole queue.
@@ -678,6 +678,38 @@ impl UserQueue {
             senders,
             receipts: self.unacked(Partition::Receipt, read_at)?,
         })
+    }
+
+    /// The user's unread chat (see [`crate::QueueStore::unread`]): per sender other than the
+    /// user itself, the items at or past the furthest cursor of any device for that sender (any
+    /// receipt kind), which is where [`Self::read_cursor`] starts a device without a cursor of
+    /// its own. Memory only: no payload is read.
+    pub fn unread(&self) -> Unread {
+        let mut senders: Vec<SenderUnread> = Vec::new();
+        for ((p, from), list) in &self.by_key {
+            if *p != Partition::Chat || **from == *self.user {
+                continue;
+            }
+            let cursor = self
+                .cursors
+                .get(&(Partition::Chat, from.to_string()))
+                .and_then(|m| m.values().copied().max())
+                .unwrap_or(1)
+                .max(1);
+            let i = list.offsets.partition_point(|&o| o < cursor);
+            let rest = &list.offsets[i..];
+            if let (Some(&first), Some(&last)) = (rest.first(), rest.last()) {
+                senders.push(SenderUnread {
+                    from: from.to_string(),
+                    unread: rest.len() as u64,
+                    first_offset: first,
+                    last_offset: last,
+                });
+            }
+        }
+        senders.sort_unstable_by(|a, b| a.from.cmp(&b.from));
+        let total = senders.iter().map(|s| s.unread).sum();
+        Unread { senders, total }
     }
 
     /// Whether retention may drop `item` once it is old enough: acknowledged items, and the

@@ -233,19 +233,19 @@ impl Tally<IndexRecord> for IndexTally {
 }
 
 /// What one streaming pass found in a file.
-struct Scan {
-    good: u64,
+pub(super) struct Scan {
+    pub good: u64,
     /// The last line, when it is torn or corrupt: (line number, its start, reason).
-    torn: Option<(u64, u64, String)>,
+    pub torn: Option<(u64, u64, String)>,
     /// The first bad line before the last one (the pass stops there): (line number, reason).
-    bad: Option<(u64, String)>,
+    pub bad: Option<(u64, String)>,
     /// Bytes read.
-    len: u64,
+    pub len: u64,
 }
 
 /// One pass over a file, line by line through a 1 MB buffer: each good record goes to `each` with
 /// its line's start and length (without `\n`). Stops at the first bad line that is not the last.
-fn scan_file<M: prost::Message + Default>(
+pub(super) fn scan_file<M: prost::Message + Default>(
     path: &Path,
     mut semantic: impl FnMut(&M) -> Result<(), String>,
     mut each: impl FnMut(u64, u32, M),

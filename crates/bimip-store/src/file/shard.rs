@@ -20,7 +20,7 @@ use super::recovery::{io_err, load_user};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
     AckOutcome, AckRequest, Appended, Compaction, CopyTo, NewItem, PendingForDevice, Profile,
-    ReadBatch, ReadRequest, StoreError,
+    ReadBatch, ReadRequest, StoreError, Unread,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -48,6 +48,11 @@ pub(crate) enum Cmd {
         user: String,
         device: String,
         reply: Reply<PendingForDevice>,
+    },
+    /// The user's unread chat per sender, from memory (see [`UserQueue::unread`]).
+    Unread {
+        user: String,
+        reply: Reply<Unread>,
     },
     Profile {
         user: String,
@@ -90,6 +95,7 @@ impl Cmd {
             Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Read { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Pending { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+            Cmd::Unread { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Profile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::EditProfile { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
             Cmd::Compact { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
@@ -475,6 +481,16 @@ impl Shard {
                 reply,
             } => {
                 let r = self.with_queue_file(&user, |q, read_at| q.pending(&device, read_at));
+                let _ = reply.send(r);
+                false
+            }
+            Cmd::Unread { user, reply } => {
+                // Like every read, it sees only durable state: an acknowledgement still waiting
+                // in this batch must not hide a message from the push pipeline.
+                if self.dirty.contains_key(&user) {
+                    self.commit();
+                }
+                let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|q| q.unread());
                 let _ = reply.send(r);
                 false
             }
@@ -1044,7 +1060,7 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 }
 
 /// `write_all`, with a fault injection point under test.
-fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
     #[cfg(test)]
     if let Some((after, kind)) = fault::write_fault(path) {
         let n = after.min(buf.len());
@@ -1065,6 +1081,8 @@ pub(crate) mod fault {
     use crate::StoreError;
 
     static WRITES: Mutex<Option<HashMap<PathBuf, (usize, std::io::ErrorKind)>>> = Mutex::new(None);
+    static WRITES_ONCE: Mutex<Option<HashMap<PathBuf, (usize, std::io::ErrorKind)>>> =
+        Mutex::new(None);
     static RENAMES: Mutex<Option<HashMap<PathBuf, ()>>> = Mutex::new(None);
     static PAUSED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -1082,6 +1100,13 @@ pub(crate) mod fault {
     /// Writes to `path` write `after` bytes, then fail with `kind` (until [`clear`]).
     pub fn fail_writes(path: &Path, after: usize, kind: std::io::ErrorKind) {
         let mut g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), (after, kind));
+    }
+
+    /// The next write to `path` writes `after` bytes, then fails with `kind`; later ones work.
+    pub fn fail_next_write(path: &Path, after: usize, kind: std::io::ErrorKind) {
+        let mut g = WRITES_ONCE.lock().unwrap_or_else(|p| p.into_inner());
         g.get_or_insert_with(HashMap::new)
             .insert(path.to_path_buf(), (after, kind));
     }
@@ -1104,12 +1129,20 @@ pub(crate) mod fault {
         }
     }
 
-    pub(super) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
+    pub(crate) fn write_fault(path: &Path) -> Option<(usize, std::io::ErrorKind)> {
+        let once = WRITES_ONCE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|m| m.remove(path));
+        if once.is_some() {
+            return once;
+        }
         let g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
         g.as_ref()?.get(path).copied()
     }
 
-    pub(super) fn before_rename(path: &Path) -> Result<(), StoreError> {
+    pub(crate) fn before_rename(path: &Path) -> Result<(), StoreError> {
         let g = RENAMES.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_some_and(|m| m.contains_key(path)) {
             return Err(StoreError::Io {

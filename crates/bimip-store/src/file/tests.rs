@@ -628,7 +628,8 @@ async fn open_files_are_bounded() {
             s.acknowledge(&user, ack("d", "bob", ReceiptKind::Delivered, 1))
                 .await
                 .unwrap();
-            assert!(open_fds_under(&dir_path) <= 4);
+            // The users' handles (the push log's one handle under push/ is not among them).
+            assert!(open_fds_under(&dir_path.join("bimip")) <= 4);
         }
     }
     for u in 0..50 {
@@ -1007,4 +1008,83 @@ async fn shutdown_keeps_copies_in_flight_between_shards() {
         }
     }
     assert!(stored > 0);
+}
+
+/// `unread`: per sender (chat only, not the user's own copies), the items past the furthest
+/// cursor of any device for that sender, whatever its receipt kind; a device with no cursor
+/// does not hold the count back.
+#[tokio::test]
+async fn unread_counts_past_the_furthest_cursor_of_any_device() {
+    use crate::{SenderUnread, Unread};
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    assert_eq!(s.unread("alice").await.unwrap(), Unread::default());
+    assert!(matches!(
+        s.unread("bad/user").await,
+        Err(StoreError::InvalidUser(_))
+    ));
+    // bob: 1, 2, 5; carol: 3, 6; a notification: 4; alice's own copy of a message to bob: 7.
+    for (from, id) in [("bob", "b1"), ("bob", "b2"), ("carol", "c1")] {
+        append(&s, "alice", chat(from, "alice", id)).await;
+    }
+    append(&s, "alice", note("n1")).await;
+    append(&s, "alice", chat("bob", "alice", "b3")).await;
+    append(&s, "alice", chat("carol", "alice", "c2")).await;
+    append(&s, "alice", chat("alice", "bob", "own")).await;
+    let u = s.unread("alice").await.unwrap();
+    assert_eq!(
+        u.senders,
+        vec![
+            SenderUnread {
+                from: "bob".into(),
+                unread: 3,
+                first_offset: 1,
+                last_offset: 5,
+            },
+            SenderUnread {
+                from: "carol".into(),
+                unread: 2,
+                first_offset: 3,
+                last_offset: 6,
+            },
+        ]
+    );
+    assert_eq!(u.total, 5);
+    assert!(!u.acknowledged("bob", 1));
+    assert!(u.acknowledged("dave", 1));
+
+    // The phone was delivered bob's first two, the laptop read only the first: the furthest
+    // cursor (phone, DELIVERED) counts. A device without a cursor changes nothing.
+    s.acknowledge("alice", ack("phone", "bob", ReceiptKind::Delivered, 2))
+        .await
+        .unwrap();
+    s.acknowledge("alice", ack("laptop", "bob", ReceiptKind::Read, 1))
+        .await
+        .unwrap();
+    let u = s.unread("alice").await.unwrap();
+    assert_eq!(u.senders[0].unread, 1);
+    assert_eq!(u.senders[0].first_offset, 5);
+    assert_eq!(u.total, 3);
+    assert!(u.acknowledged("bob", 2));
+    assert!(!u.acknowledged("bob", 5));
+
+    // READ further than DELIVERED on another device; all of carol's read: she drops out.
+    s.acknowledge("alice", ack("laptop", "bob", ReceiptKind::Read, 5))
+        .await
+        .unwrap();
+    s.acknowledge("alice", ack("tablet", "carol", ReceiptKind::Read, 6))
+        .await
+        .unwrap();
+    let u = s.unread("alice").await.unwrap();
+    assert_eq!(u, Unread::default());
+
+    // The same after a restart (cursors come back from the index file), and through `Store`.
+    append(&s, "alice", chat("carol", "alice", "c3")).await;
+    s.shutdown().await;
+    let store = crate::Store::File(open(dir.path()));
+    let u = store.unread("alice").await.unwrap();
+    assert_eq!(u.total, 1);
+    assert_eq!(u.senders[0].from, "carol");
+    assert_eq!(u.senders[0].first_offset, 8);
+    store.shutdown().await;
 }
