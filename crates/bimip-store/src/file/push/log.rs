@@ -465,6 +465,8 @@ impl Writer {
                     bytes = c.bytes,
                     took_ms = c.took.as_millis() as u64,
                     longest_lock_us = c.longest_hold.as_micros() as u64,
+                    chunks = c.chunks,
+                    mean_lock_us = (c.total_hold.as_micros() / c.chunks.max(1) as u128) as u64,
                     forgotten_tombstones = c.forgotten_tombstones,
                     "push store compacted"
                 );

@@ -1177,9 +1177,31 @@ fn push_throughput() {
         let (n, worst) = busy.await.unwrap();
         let c = s.inner.push.shared.lock().last_compaction.unwrap();
         eprintln!(
-            "compaction of 100k devices + 100k jobs: {took:?}, snapshot {} bytes, longest lock hold {:?}; {n} job puts meanwhile, slowest {worst:?}",
-            c.bytes, c.longest_hold
+            "compaction of 100k devices + 100k jobs (+ tombstones): {took:?}, snapshot {} bytes, {} chunks, lock held {:?} on average, {:?} at most; {n} job puts meanwhile, slowest {worst:?}",
+            c.bytes,
+            c.chunks,
+            c.total_hold / c.chunks.max(1) as u32,
+            c.longest_hold
         );
+        // The same state, cloned in one piece under the lock (the alternative to chunks).
+        let mut all = Vec::new();
+        let held = {
+            let mut g = s.inner.push.shared.lock();
+            let t = std::time::Instant::now();
+            let mut cur = super::state::SnapCursor::Devices(None);
+            let keep = super::state::ForgetRule {
+                log: 0,
+                cutoff: i64::MIN,
+            };
+            g.state
+                .snapshot_chunk(&mut cur, usize::MAX, keep, 0, &mut all);
+            t.elapsed()
+        };
+        eprintln!(
+            "one clone of all {} records under the lock instead: {held:?}",
+            all.len()
+        );
+        drop(all);
         let t = std::time::Instant::now();
         let mut probes = 0u64;
         while t.elapsed() < Duration::from_millis(200) {
