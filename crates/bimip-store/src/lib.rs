@@ -4,7 +4,9 @@
 //! SPEC §6.1 ([`FileStore`]), and a Redis backend will join it as another variant with the same
 //! semantics. Every operation is scoped to one user's queue; all operations on one user are applied
 //! in the order they were enqueued (see [`Store::enqueue_append`]). Next to the queue, each user
-//! has a profile (contacts, blocks, intent, invisibility, last seen): see [`ProfileStore`].
+//! has a profile (contacts, blocks, intent, invisibility, last seen): see [`ProfileStore`]. The
+//! push pipeline's durable state (device tokens, mutes, the outbox, dead letters, idempotency
+//! keys) is not per user: see [`PushStore`].
 
 pub mod error;
 pub mod file;

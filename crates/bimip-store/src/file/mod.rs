@@ -1,7 +1,7 @@
 //! The embedded file store (SPEC §6.1): per-user append-only files of Base64 lines
 //! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]). Next to the users, the
-//! push store ([`push`]): one in-memory state with its own writer, snapshots and logs.
+//! push store (`push`): one in-memory state with its own writer, snapshots and logs.
 
 mod check;
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub(crate) struct Writer {
     compactor: Option<Running>,
     /// Failed writes so far (a switch does not compact after one).
     failures: u64,
+    /// After a failed switch, no new one before the log is this long.
+    retry_len: u64,
 }
 
 fn copy_err(e: &StoreError) -> StoreError {
@@ -149,6 +151,7 @@ impl Writer {
             front: VecDeque::new(),
             compactor: None,
             failures: 0,
+            retry_len: 0,
         }
     }
 
@@ -351,7 +354,8 @@ impl Writer {
         }
         let t = &self.tuning;
         let due = self.len > t.compact_min_log_bytes
-            && self.len > t.compact_log_ratio.saturating_mul(self.snapshot_bytes);
+            && self.len > t.compact_log_ratio.saturating_mul(self.snapshot_bytes)
+            && self.len >= self.retry_len;
         if !due && asked.is_empty() {
             return;
         }
@@ -363,6 +367,7 @@ impl Writer {
                 .for_each(|r| drop(r.send(Err(StoreError::Closed)))),
             Err(e) => {
                 tracing::error!(error = %e, "could not start a new push log; compaction put off");
+                self.retry_len = self.len.saturating_add(self.tuning.compact_min_log_bytes);
                 for r in asked {
                     let _ = r.send(Err(copy_err(&e)));
                 }
@@ -370,13 +375,13 @@ impl Writer {
         }
     }
 
-    /// Begins log N+1: created first (I/O without the lock), then made current under the lock.
-    /// What was queued before the switch still goes to log N. Returns the dead letters and the
-    /// tombstone rule as of the switch, or `None` when the store is going away.
+    /// Begins log N+1. Under the lock, N+1 becomes the log of every later change; what was
+    /// queued before still goes to log N, written now. Only then is log N+1 created: log N is
+    /// complete by the time a newer log exists, so a crash in between leaves a torn end only on
+    /// the newest log, which the start cuts. Returns the dead letters and the tombstone rule as
+    /// of the switch, or `None` when the store is going away.
     fn switch(&mut self) -> Result<Option<Switched>, StoreError> {
         let next = self.log + 1;
-        let path = log_path(&self.dir, next);
-        let (file, len) = open_log(&self.dir, &path)?;
         let Some(shared) = self.shared.upgrade() else {
             return Ok(None);
         };
@@ -401,6 +406,11 @@ impl Writer {
             }
         }
         self.commit(old);
+        // Changes queued meanwhile wait in the channel. Should the new log not be created, they
+        // go on to log N: their tombstones then name a later log than the one holding them,
+        // which only keeps them longer.
+        let path = log_path(&self.dir, next);
+        let (file, len) = open_log(&self.dir, &path)?;
         self.file = file;
         self.path = path;
         self.log = next;
@@ -465,6 +475,8 @@ impl Writer {
                     bytes = c.bytes,
                     took_ms = c.took.as_millis() as u64,
                     longest_lock_us = c.longest_hold.as_micros() as u64,
+                    chunks = c.chunks,
+                    mean_lock_us = (c.total_hold.as_micros() / c.chunks.max(1) as u128) as u64,
                     forgotten_tombstones = c.forgotten_tombstones,
                     "push store compacted"
                 );

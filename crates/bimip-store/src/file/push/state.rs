@@ -456,7 +456,10 @@ impl PushState {
                     let mut next = None;
                     for (user, devices) in keys_after(&self.devices, after) {
                         for t in devices.values() {
-                            self.pushed.remove(&(t.user.clone(), t.device.clone()));
+                            // The snapshot takes its last push time along.
+                            if !self.pushed.is_empty() {
+                                self.pushed.remove(&(t.user.clone(), t.device.clone()));
+                            }
                             out.push(rec(Change::PutDevice(t.clone())));
                         }
                         next = Some(user.clone());

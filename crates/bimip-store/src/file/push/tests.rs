@@ -633,6 +633,47 @@ async fn a_corrupt_middle_line_refuses_the_start_and_repair_drops_it() {
     s.shutdown().await;
 }
 
+/// Only the newest log can have been cut short by a crash: a torn end of an older log (or of a
+/// snapshot) is corruption.
+#[tokio::test]
+async fn a_torn_end_of_a_log_that_is_not_the_newest_refuses_the_start() {
+    let dir = TempDir::new().unwrap();
+    let pdir = push_dir(dir.path());
+    let s = open(dir.path());
+    s.put_jobs(vec![job(1, 1), job(2, 1)]).await.unwrap();
+    fault::fail_rename(&snapshot_path(&pdir, 2));
+    assert!(s.compact_push().await.is_err());
+    fault::clear(&snapshot_path(&pdir, 2));
+    s.put_jobs(vec![job(3, 1)]).await.unwrap();
+    s.shutdown().await;
+    let log1 = log_path(&pdir, 1);
+    let data = std::fs::read(&log1).unwrap();
+    std::fs::write(&log1, &data[..data.len() - 10]).unwrap();
+    match FileStore::open(config(dir.path(), FsyncMode::Batch)) {
+        Err(StoreError::Corrupt { path, line, reason }) => {
+            // Log 1: job 1, job 2 (torn).
+            assert_eq!((path, line), (log1.clone(), 2));
+            assert!(reason.contains("not the newest"), "{reason}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("opened with a torn older log"),
+    }
+    let r = check_data_dir(dir.path(), false).unwrap();
+    assert_eq!(r.problems.len(), 1);
+    assert_eq!(
+        (r.problems[0].path.clone(), r.problems[0].line),
+        (log1.clone(), 2)
+    );
+    let (s, report) = FileStore::open(StoreConfig {
+        repair: true,
+        ..config(dir.path(), FsyncMode::Batch)
+    })
+    .unwrap();
+    assert_eq!(report.repaired.len(), 1);
+    assert_eq!(versions(&s.jobs().await.unwrap()), vec![(1, 1), (3, 1)]);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn check_reports_push_problems_with_file_and_line_and_repair_fixes_them() {
     let dir = TempDir::new().unwrap();
@@ -1177,9 +1218,31 @@ fn push_throughput() {
         let (n, worst) = busy.await.unwrap();
         let c = s.inner.push.shared.lock().last_compaction.unwrap();
         eprintln!(
-            "compaction of 100k devices + 100k jobs: {took:?}, snapshot {} bytes, longest lock hold {:?}; {n} job puts meanwhile, slowest {worst:?}",
-            c.bytes, c.longest_hold
+            "compaction of 100k devices + 100k jobs (+ tombstones): {took:?}, snapshot {} bytes, {} chunks, lock held {:?} on average, {:?} at most; {n} job puts meanwhile, slowest {worst:?}",
+            c.bytes,
+            c.chunks,
+            c.total_hold / c.chunks.max(1) as u32,
+            c.longest_hold
         );
+        // The same state, cloned in one piece under the lock (the alternative to chunks).
+        let mut all = Vec::new();
+        let held = {
+            let mut g = s.inner.push.shared.lock();
+            let t = std::time::Instant::now();
+            let mut cur = super::state::SnapCursor::Devices(None);
+            let keep = super::state::ForgetRule {
+                log: 0,
+                cutoff: i64::MIN,
+            };
+            g.state
+                .snapshot_chunk(&mut cur, usize::MAX, keep, 0, &mut all);
+            t.elapsed()
+        };
+        eprintln!(
+            "one clone of all {} records under the lock instead: {held:?}",
+            all.len()
+        );
+        drop(all);
         let t = std::time::Instant::now();
         let mut probes = 0u64;
         while t.elapsed() < Duration::from_millis(200) {
