@@ -128,10 +128,7 @@ async fn presence_event(
     if status == Status::Offline {
         data["last_seen"] = last_seen.into();
     }
-    state
-        .events
-        .emit(EventType::PresenceChanged, data)
-        .await;
+    state.events.emit(EventType::PresenceChanged, data).await;
 }
 
 /// Records `last_seen` (advisory: written lazily, flushed at shutdown).

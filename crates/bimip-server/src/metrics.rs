@@ -82,7 +82,10 @@ pub struct EventLabel {
 /// A label value from a closed set, so a value read back from storage cannot grow the metric's
 /// label space.
 fn known(value: &str, set: &[&'static str]) -> &'static str {
-    set.iter().find(|v| **v == value).copied().unwrap_or("other")
+    set.iter()
+        .find(|v| **v == value)
+        .copied()
+        .unwrap_or("other")
 }
 
 const PROVIDERS: [&str; 5] = ["fcm", "apns", "webhook", "events", "none"];

@@ -100,8 +100,7 @@ impl Events {
             EventType::MessageDelivered,
             EventType::MessageRead,
         ] {
-            enabled[t.index()] =
-                sender.is_some() && settings.events.iter().any(|e| e == t.name());
+            enabled[t.index()] = sender.is_some() && settings.events.iter().any(|e| e == t.name());
         }
         Ok(Events {
             sender,

@@ -521,7 +521,9 @@ fn command(line: &str, seen: &Seen) -> anyhow::Result<Cmd> {
                     no_more(r)?;
                     true
                 }
-                Some((other, _)) => bail!("unexpected {other:?} (only `sandbox` may follow the token)"),
+                Some((other, _)) => {
+                    bail!("unexpected {other:?} (only `sandbox` may follow the token)")
+                }
             };
             Ok(Cmd::Send(Body::PushToken(v1::PushToken {
                 platform: platform as i32,

@@ -4,7 +4,9 @@
 //! The `{user}` routes accept the API key or the JWT of that same user (a device registering its
 //! own token); `POST /v1/notifications`, the dead letters and the test push need the API key.
 
-use super::{ApiError, ErrorBody, parse_json, require_api_key, require_user_or_api_key, valid_user};
+use super::{
+    ApiError, ErrorBody, parse_json, require_api_key, require_user_or_api_key, valid_user,
+};
 use crate::{
     delivery::{self, SYSTEM_SENDER, SendRequest},
     push::devices::{self, Registration},
@@ -133,7 +135,9 @@ fn platform_from_name(s: &str) -> Result<v1::Platform, ApiError> {
 }
 
 fn platform_name(p: i32) -> String {
-    crate::push::platform_of(p).map_or("unspecified", |p| p.name()).to_string()
+    crate::push::platform_of(p)
+        .map_or("unspecified", |p| p.name())
+        .to_string()
 }
 
 fn valid_device(device: &str) -> Result<(), ApiError> {
@@ -455,7 +459,11 @@ pub async fn notify(
     // duplicate: even a retry after a crash before the answer was kept delivers nothing twice.
     let id = match &key {
         Some(k) => format!("ntf-{}", &hex::encode(Sha256::digest(k.as_bytes()))[..32]),
-        None => format!("ntf-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
+        None => format!(
+            "ntf-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        ),
     };
     let payload = serde_json::json!({
         "title": b.title,
@@ -614,7 +622,10 @@ pub async fn dead_letters(
     Query(q): Query<DeadLetterParams>,
 ) -> Result<Json<DeadLettersReply>, ApiError> {
     require_api_key(&state, &headers)?;
-    let limit = q.limit.unwrap_or(100).min(bimip_store::push::MAX_DEAD_LETTERS);
+    let limit = q
+        .limit
+        .unwrap_or(100)
+        .min(bimip_store::push::MAX_DEAD_LETTERS);
     let list = state
         .store
         .dead_letters(limit)
@@ -637,7 +648,12 @@ pub async fn dead_letters(
                     p.device.clone(),
                     p.from.clone(),
                 ),
-                Some(Job::Event(e)) => (e.r#type.clone(), String::new(), String::new(), String::new()),
+                Some(Job::Event(e)) => (
+                    e.r#type.clone(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ),
                 None => (String::new(), String::new(), String::new(), String::new()),
             };
             DeadLetterItem {

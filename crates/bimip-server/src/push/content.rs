@@ -56,13 +56,24 @@ pub fn collapse_id(prefix: &str, of: &str) -> String {
     format!("{prefix}:{}", hex::encode(&digest[..12]))
 }
 
+/// Where a push goes and for how long it is worth delivering.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The outbox job's id: the push's stable id across retries.
+    pub job_id: u64,
+    pub token: &'a DeviceToken,
+    pub platform: Platform,
+    /// Unix seconds after which the provider should drop it.
+    pub expires_at: i64,
+}
+
 /// What every push to this device has in common.
-fn base(job_id: u64, token: &DeviceToken, platform: Platform, p: &PushJob) -> PushMessage {
+fn base(t: Target<'_>, p: &PushJob) -> PushMessage {
     PushMessage {
-        id: format!("push_{job_id}"),
-        platform,
-        token: token.token.clone(),
-        sandbox: token.sandbox,
+        id: format!("push_{}", t.job_id),
+        platform: t.platform,
+        token: t.token.token.clone(),
+        sandbox: t.token.sandbox,
         user: p.user.clone(),
         device: p.device.clone(),
         kind: Kind::Chat,
@@ -76,23 +87,20 @@ fn base(job_id: u64, token: &DeviceToken, platform: Platform, p: &PushJob) -> Pu
         data: BTreeMap::new(),
         collapse_id: String::new(),
         high_priority: true,
-        expires_at: 0,
+        expires_at: t.expires_at,
     }
 }
 
 /// A chat push: `count` unread messages from the sender, `unread` in total; `preview` is the
 /// newest message's text when preview is on.
 pub fn chat(
-    job_id: u64,
-    token: &DeviceToken,
-    platform: Platform,
+    t: Target<'_>,
     p: &PushJob,
     count: u64,
     unread: u64,
     preview: Option<String>,
-    expires_at: i64,
 ) -> PushMessage {
-    let mut m = base(job_id, token, platform, p);
+    let mut m = base(t, p);
     m.count = count.max(1);
     m.unread = unread;
     m.title = p.from.clone();
@@ -102,20 +110,12 @@ pub fn chat(
         None => "New message".into(),
     };
     m.collapse_id = collapse_id("c", &p.from);
-    m.expires_at = expires_at;
     m
 }
 
 /// A notification push, as the backend wrote it.
-pub fn notification(
-    job_id: u64,
-    token: &DeviceToken,
-    platform: Platform,
-    p: &PushJob,
-    unread: u64,
-    expires_at: i64,
-) -> PushMessage {
-    let mut m = base(job_id, token, platform, p);
+pub fn notification(t: Target<'_>, p: &PushJob, unread: u64) -> PushMessage {
+    let mut m = base(t, p);
     m.kind = Kind::Notification;
     m.unread = unread;
     m.title = p.title.clone();
@@ -129,7 +129,6 @@ pub fn notification(
     } else {
         collapse_id("n", &p.from)
     };
-    m.expires_at = expires_at;
     m
 }
 
@@ -174,7 +173,10 @@ mod tests {
     #[test]
     fn preview_is_utf8_and_cut() {
         assert_eq!(preview_text(b"hello", 10).as_deref(), Some("hello"));
-        assert_eq!(preview_text("héllo wörld".as_bytes(), 5).as_deref(), Some("héllo…"));
+        assert_eq!(
+            preview_text("héllo wörld".as_bytes(), 5).as_deref(),
+            Some("héllo…")
+        );
         assert_eq!(preview_text(&[0xff, 0xfe], 10), None);
         assert_eq!(preview_text(b"   ", 10), None);
     }

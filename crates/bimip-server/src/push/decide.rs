@@ -148,7 +148,7 @@ impl Push {
                         count: 1,
                         title: n.title.clone(),
                         body: n.body.clone(),
-                        data: n.data.clone(),
+                        data: n.data.clone().into_iter().collect(),
                         high_priority: n.high_priority,
                         coalesce_key: if n.high_priority {
                             String::new()

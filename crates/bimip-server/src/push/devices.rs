@@ -4,7 +4,6 @@
 use crate::{error::Refused, state::Shared};
 use bimip_proto::v1::{self, ErrorCode};
 use bimip_store::{PushStore, push::DeviceToken};
-use std::sync::Arc;
 
 /// Longest token accepted (FCM tokens are ~160 bytes, APNs 64 hex digits; webhook tokens are
 /// opaque and may carry an endpoint).
@@ -44,7 +43,10 @@ impl Registration {
         if self.token.len() > MAX_TOKEN_BYTES {
             return Err(Refused::new(
                 ErrorCode::TooLarge,
-                format!("token is {} bytes, at most {MAX_TOKEN_BYTES} are allowed", self.token.len()),
+                format!(
+                    "token is {} bytes, at most {MAX_TOKEN_BYTES} are allowed",
+                    self.token.len()
+                ),
             ));
         }
         if self.token.chars().any(char::is_control) {
@@ -158,7 +160,6 @@ pub async fn set_mute(
     }
     Ok(state.store.set_mute(user, other, muted).await?)
 }
-
 
 #[cfg(test)]
 mod tests {

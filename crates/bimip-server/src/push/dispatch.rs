@@ -205,7 +205,12 @@ impl Push {
                 error: job.last_error.clone(),
             };
         }
-        let expires_at = (job.created_at + max_age_ms) / 1000;
+        let target = content::Target {
+            job_id: job.id,
+            token: &token,
+            platform,
+            expires_at: (job.created_at + max_age_ms) / 1000,
+        };
         let msg = match kind {
             PushKind::Chat => {
                 let count = unread
@@ -218,20 +223,10 @@ impl Push {
                 } else {
                     None
                 };
-                content::chat(
-                    job.id,
-                    &token,
-                    platform,
-                    p,
-                    count,
-                    unread.total,
-                    preview,
-                    expires_at,
-                )
+                content::chat(target, p, count, unread.total, preview)
             }
             PushKind::Notification | PushKind::Test => {
-                let mut m =
-                    content::notification(job.id, &token, platform, p, unread.total, expires_at);
+                let mut m = content::notification(target, p, unread.total);
                 if kind == PushKind::Test {
                     m.kind = Kind::Test;
                 }
@@ -240,7 +235,8 @@ impl Push {
         };
         let sent_at = bimip_proto::now_ms();
         let outcome = provider.send(&msg).await;
-        self.outcome(job, p, &token, platform, outcome, sent_at).await
+        self.outcome(job, p, &token, platform, outcome, sent_at)
+            .await
     }
 
     fn again(&self, now: i64, attempted: bool, error: String) -> Completion {
@@ -380,14 +376,13 @@ impl Push {
                     reason: format!("provider {} is not configured", platform.name()),
                 },
                 Some(provider) => {
-                    let mut msg: PushMessage = content::notification(
-                        rand::random::<u64>() >> 1,
-                        &token,
+                    let target = content::Target {
+                        job_id: rand::random::<u64>() >> 1,
+                        token: &token,
                         platform,
-                        &job,
-                        unread.total,
-                        0,
-                    );
+                        expires_at: 0,
+                    };
+                    let mut msg: PushMessage = content::notification(target, &job, unread.total);
                     msg.kind = Kind::Test;
                     provider.send(&msg).await
                 }

@@ -60,12 +60,9 @@ impl Providers {
         } else {
             tracing::info!("push provider fcm: off (no --push-fcm-credentials)");
         }
-        if let (Some(key), Some(key_id), Some(team_id), Some(topic)) = (
-            &p.apns_key,
-            &p.apns_key_id,
-            &p.apns_team_id,
-            &p.apns_topic,
-        ) {
+        if let (Some(key), Some(key_id), Some(team_id), Some(topic)) =
+            (&p.apns_key, &p.apns_key_id, &p.apns_team_id, &p.apns_topic)
+        {
             let cfg = apns::ApnsConfig {
                 key: key.clone(),
                 key_id: key_id.clone(),
