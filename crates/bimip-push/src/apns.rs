@@ -123,7 +123,10 @@ impl Apns {
                 )));
             }
         }
-        if config.topic.is_empty() || config.topic.bytes().any(|b| b.is_ascii_whitespace()) {
+        if config.topic.is_empty()
+            || config.topic.bytes().any(|b| b.is_ascii_whitespace())
+            || http::HeaderValue::from_str(&config.topic).is_err()
+        {
             return Err(SetupError::Invalid(
                 "APNs topic must be the app's bundle id".into(),
             ));
@@ -199,6 +202,11 @@ impl Apns {
             jwt: jwt.clone(),
             at: now,
         });
+        tracing::info!(
+            key_id = %self.key_id,
+            after_expiry = expired.is_some(),
+            "APNs provider token minted"
+        );
         Ok(jwt)
     }
 

@@ -54,7 +54,9 @@ const INVALID_TOKEN_MESSAGE: &str = "not a valid fcm registration token";
 pub struct FcmConfig {
     /// The service-account JSON key file from the Firebase console.
     pub credentials: PathBuf,
-    /// The FCM API base URL, [`DEFAULT_ENDPOINT`] unless testing against a fake.
+    /// The FCM API base URL, [`DEFAULT_ENDPOINT`] unless testing against a fake. With an
+    /// `https://` endpoint HTTP/2 or HTTP/1.1 is chosen by ALPN; an `http://` endpoint (a
+    /// local fake) is spoken to over h2c, and so is its token endpoint.
     pub endpoint: String,
 }
 
@@ -93,8 +95,15 @@ impl Fcm {
         let endpoint = config.endpoint.trim_end_matches('/');
         check_url(endpoint)
             .map_err(|why| SetupError::Invalid(format!("FCM endpoint `{endpoint}` {why}")))?;
+        // FCM is reached over HTTP/2 (by ALPN on https). An `http://` endpoint is a local
+        // fake: speak h2c to it, so tests and benchmarks multiplex the way production does.
+        let client = if endpoint.starts_with("http://") {
+            crate::http::http2_client(http)?
+        } else {
+            crate::http::client(http)?
+        };
         Ok(Fcm {
-            http: crate::http::client(http)?,
+            http: client,
             send_url: format!(
                 "{endpoint}/v1/projects/{}/messages:send",
                 account.project_id
@@ -163,21 +172,29 @@ impl Fcm {
         if let Some(token) = self.token.fresh(stale) {
             return Ok(token);
         }
-        let seen = self.token.attempts.load(Ordering::Acquire);
+        let seen = self.token.completed.load(Ordering::Acquire);
         // Single flight: whoever holds the lock fetches; the others then find its result.
         let mut last_failure = self.token.fetching.lock().await;
         if let Some(token) = self.token.fresh(stale) {
             return Ok(token);
         }
-        if self.token.attempts.load(Ordering::Acquire) != seen
+        if self.token.completed.load(Ordering::Acquire) != seen
             && let Some(failure) = last_failure.as_ref()
         {
             // A fetch ran while we waited and failed: share its answer, don't repeat it.
             return Err(failure.clone());
         }
-        self.token.attempts.fetch_add(1, Ordering::AcqRel);
-        match self.fetch_token().await {
+        let fetched = self.fetch_token().await;
+        // Counted once finished: whoever read the count before this point was waiting for
+        // this very fetch, and takes its result.
+        self.token.completed.fetch_add(1, Ordering::AcqRel);
+        match fetched {
             Ok(cached) => {
+                tracing::debug!(
+                    client_email = %self.account.client_email,
+                    after_refusal = stale.is_some(),
+                    "FCM access token fetched"
+                );
                 let token = cached.token.clone();
                 *self
                     .token
@@ -188,6 +205,10 @@ impl Fcm {
                 Ok(token)
             }
             Err(failure) => {
+                tracing::warn!(
+                    outcome = failure.label(),
+                    "FCM access token fetch failed: {failure:?}"
+                );
                 *last_failure = Some(failure.clone());
                 Err(failure)
             }
@@ -380,8 +401,8 @@ struct TokenCache {
     current: RwLock<Option<CachedToken>>,
     /// Held while fetching; holds the last fetch's failure, if it failed.
     fetching: tokio::sync::Mutex<Option<Outcome>>,
-    /// Fetches started, so a waiter can tell that one ran while it waited.
-    attempts: AtomicU64,
+    /// Fetches finished, so a waiter can tell that one ran while it waited.
+    completed: AtomicU64,
 }
 
 #[derive(Debug, Clone)]

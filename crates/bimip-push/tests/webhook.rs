@@ -209,3 +209,16 @@ async fn event_webhooks_are_signed_the_same_way() {
     assert_eq!(fake.request_count(), 2);
     assert!(EventSender::new(&fake.url(), "nope", &HttpOptions::default()).is_err());
 }
+
+#[tokio::test]
+async fn a_dropped_fake_stops_listening() {
+    let (fake, provider) = setup().await;
+    assert_eq!(provider.send(&msg()).await.label(), "sent");
+    drop(fake);
+    // The abort lands at the accept loop's next poll.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match provider.send(&msg()).await {
+        Outcome::Retry { reason, .. } => assert!(reason.contains("webhook push"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -2,7 +2,7 @@
 //! provider-token update limit.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io,
     path::{Path, PathBuf},
     sync::{
@@ -104,8 +104,8 @@ struct ApnsState {
 #[derive(Default)]
 struct JwtState {
     current: Option<CurrentJwt>,
-    /// JWTs whose signature and claims were checked (each is checked once).
-    verified: HashSet<String>,
+    /// JWTs whose signature and claims were checked (each is checked once), with their iat.
+    verified: HashMap<String, i64>,
     /// JWTs the fake called expired: refused with `ExpiredProviderToken` from then on.
     expired: HashSet<String>,
     accepted: u64,
@@ -254,7 +254,8 @@ impl ApnsState {
         lock(&self.auth_failures).push(what);
     }
 
-    fn verify(&self, token: &str, now: i64) -> Result<(), String> {
+    /// Verifies a provider JWT; returns its `iat`.
+    fn verify(&self, token: &str, now: i64) -> Result<i64, String> {
         let jwt = Jwt::parse(token)?;
         if jwt.header.get("alg").and_then(Value::as_str) != Some("ES256") {
             return Err("alg is not ES256".into());
@@ -272,25 +273,27 @@ impl ApnsState {
         if iat > now + 60 {
             return Err(format!("iat {iat} is in the future (now {now})"));
         }
-        Ok(())
+        Ok(iat)
     }
 
     /// Checks the provider token of one request.
     fn check_jwt(&self, token: &str) -> Result<(), Refusal> {
         let now = crate::unix_now();
         let mut st = lock(&self.jwt);
-        if !st.verified.contains(token) {
-            if let Err(why) = self.verify(token, now) {
-                drop(st);
-                self.auth_failure(format!("InvalidProviderToken: {why}"));
-                return Err((403, "InvalidProviderToken"));
-            }
-            st.verified.insert(token.to_owned());
-        }
-        let iat = Jwt::parse(token)
-            .ok()
-            .and_then(|j| j.claim_i64("iat"))
-            .unwrap_or(0);
+        let iat = match st.verified.get(token) {
+            Some(iat) => *iat,
+            None => match self.verify(token, now) {
+                Ok(iat) => {
+                    st.verified.insert(token.to_owned(), iat);
+                    iat
+                }
+                Err(why) => {
+                    drop(st);
+                    self.auth_failure(format!("InvalidProviderToken: {why}"));
+                    return Err((403, "InvalidProviderToken"));
+                }
+            },
+        };
         if now - iat > 3600 {
             st.expire(token);
         }

@@ -319,19 +319,27 @@ fn json_response(
     body: &serde_json::Value,
     retry_after: Option<&str>,
 ) -> axum::response::Response {
-    let mut builder = http::Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(value) = retry_after {
-        builder = builder.header(http::header::RETRY_AFTER, value);
+    raw_json_response(status, body.to_string(), retry_after)
+}
+
+/// [`json_response`] for a body that is already JSON text.
+fn raw_json_response(
+    status: u16,
+    body: String,
+    retry_after: Option<&str>,
+) -> axum::response::Response {
+    let mut response = axum::response::Response::new(axum::body::Body::from(body));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(value) = retry_after.and_then(|v| http::HeaderValue::from_str(v).ok()) {
+        headers.insert(http::header::RETRY_AFTER, value);
     }
-    builder
-        .body(axum::body::Body::from(body.to_string()))
-        .unwrap_or_else(|_| {
-            let mut r = axum::response::Response::new(axum::body::Body::empty());
-            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-            r
-        })
+    response
 }
 
 /// The recording and script methods every fake has, over its own request and reply types.
