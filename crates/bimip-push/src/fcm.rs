@@ -6,6 +6,7 @@
 //! `UNAUTHENTICATED`.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
         Arc, PoisonError, RwLock,
@@ -22,8 +23,8 @@ use ring::{
     signature::{RSA_PKCS1_SHA256, RsaKeyPair},
 };
 use rustls_pki_types::{PrivatePkcs8KeyDer, pem::PemObject};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::{
     MAX_COLLAPSE_ID_BYTES, MAX_PAYLOAD_BYTES, Outcome, Platform, Provider, PushMessage, SetupError,
@@ -516,91 +517,142 @@ pub(crate) fn request_body(msg: &PushMessage, now: i64) -> Result<Vec<u8>, Outco
     }
     let alert = !msg.title.is_empty() || !msg.body.is_empty();
     let ttl = (msg.expires_at > 0).then(|| (msg.expires_at - now).clamp(0, MAX_TTL_SECS));
-
-    let mut message = Map::new();
-    message.insert("token".into(), json!(msg.token));
-    message.insert("data".into(), json!(data));
-    if alert {
-        message.insert(
-            "notification".into(),
-            json!({"title": msg.title, "body": msg.body}),
-        );
-    }
-
-    let mut android = Map::new();
-    android.insert(
-        "priority".into(),
-        json!(if msg.high_priority { "HIGH" } else { "NORMAL" }),
-    );
-    if let Some(ttl) = ttl {
-        android.insert("ttl".into(), json!(format!("{ttl}s")));
-    }
-    if alert {
-        let mut notification = Map::new();
-        if !msg.collapse_id.is_empty() {
-            notification.insert("tag".into(), json!(msg.collapse_id));
-        }
-        if msg.unread > 0 {
-            notification.insert(
-                "notification_count".into(),
-                json!(i32::try_from(msg.unread).unwrap_or(i32::MAX)),
-            );
-        }
-        notification.insert("channel_id".into(), json!(android_channel(msg)));
-        android.insert("notification".into(), Value::Object(notification));
-    }
-    message.insert("android".into(), Value::Object(android));
-
-    let mut apns_headers = Map::new();
-    let mut aps = Map::new();
-    if alert {
-        apns_headers.insert(
-            "apns-priority".into(),
-            json!(if msg.high_priority { "10" } else { "5" }),
-        );
-        apns_headers.insert("apns-push-type".into(), json!("alert"));
-        aps.insert(
-            "alert".into(),
-            json!({"title": msg.title, "body": msg.body}),
-        );
-        aps.insert("sound".into(), json!("default"));
-    } else {
-        // A data-only push to iOS is a background push: Apple wants priority 5 for those.
-        apns_headers.insert("apns-priority".into(), json!("5"));
-        apns_headers.insert("apns-push-type".into(), json!("background"));
-        aps.insert("content-available".into(), json!(1));
-    }
-    if !msg.collapse_id.is_empty() {
-        apns_headers.insert("apns-collapse-id".into(), json!(msg.collapse_id));
-    }
-    if msg.expires_at > 0 {
-        apns_headers.insert("apns-expiration".into(), json!(msg.expires_at.to_string()));
-    }
+    let ttl = ttl.map(|t| format!("{t}s"));
+    let expiration = (msg.expires_at > 0).then(|| msg.expires_at.to_string());
+    let text = alert.then_some(Text {
+        title: &msg.title,
+        body: &msg.body,
+    });
     // A badge of 0 clears every notification of the app on iOS: leave the badge alone instead.
-    if msg.unread > 0 {
-        aps.insert("badge".into(), json!(msg.unread));
-    }
-    if !msg.from.is_empty() {
-        aps.insert("thread-id".into(), json!(msg.from));
-    }
-    let payload = json!({"aps": aps});
+    let unread = (msg.unread > 0).then_some(msg.unread);
+    let collapse = (!msg.collapse_id.is_empty()).then_some(msg.collapse_id.as_str());
+    let body = Body {
+        message: Message {
+            token: &msg.token,
+            data: &data,
+            notification: text,
+            android: Android {
+                priority: if msg.high_priority { "HIGH" } else { "NORMAL" },
+                ttl: ttl.as_deref(),
+                notification: alert.then(|| AndroidNotification {
+                    tag: collapse,
+                    notification_count: unread.map(|u| i32::try_from(u).unwrap_or(i32::MAX)),
+                    channel_id: android_channel(msg),
+                }),
+            },
+            apns: Apns {
+                headers: ApnsHeaders {
+                    // A data-only push to iOS is a background push: Apple wants priority 5.
+                    priority: if alert && msg.high_priority {
+                        "10"
+                    } else {
+                        "5"
+                    },
+                    push_type: if alert { "alert" } else { "background" },
+                    collapse_id: collapse,
+                    expiration: expiration.as_deref(),
+                },
+                payload: ApnsPayload {
+                    aps: Aps {
+                        alert: text,
+                        sound: alert.then_some("default"),
+                        content_available: (!alert).then_some(1),
+                        badge: unread,
+                        thread_id: (!msg.from.is_empty()).then_some(msg.from.as_str()),
+                    },
+                },
+            },
+        },
+    };
     // FCM hands `data` to iOS as custom keys of the APNs payload: that must fit too.
-    let apns_size = payload.to_string().len()
-        + data
-            .iter()
-            .map(|(k, v)| json!(k).to_string().len() + json!(v).to_string().len() + 2)
-            .sum::<usize>();
+    let aps_size = serde_json::to_vec(&body.message.apns.payload).map_or(0, |v| v.len());
+    let data_size: usize = data.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let apns_size = aps_size + data_size;
     if apns_size > MAX_PAYLOAD_BYTES {
         return Err(invalid(format!(
             "APNs payload (through FCM) of {apns_size} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
         )));
     }
-    message.insert(
-        "apns".into(),
-        json!({"headers": apns_headers, "payload": payload}),
-    );
-    serde_json::to_vec(&json!({ "message": message }))
-        .map_err(|e| invalid(format!("FCM: cannot encode the request: {e}")))
+    serde_json::to_vec(&body).map_err(|e| invalid(format!("FCM: cannot encode the request: {e}")))
+}
+
+// The request body, borrowed from the `PushMessage`: written out directly, without building a
+// JSON tree first (this runs for every push).
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: Message<'a>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    token: &'a str,
+    data: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification: Option<Text<'a>>,
+    android: Android<'a>,
+    apns: Apns<'a>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Text<'a> {
+    title: &'a str,
+    body: &'a str,
+}
+
+#[derive(Serialize)]
+struct Android<'a> {
+    priority: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification: Option<AndroidNotification<'a>>,
+}
+
+#[derive(Serialize)]
+struct AndroidNotification<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification_count: Option<i32>,
+    channel_id: &'static str,
+}
+
+#[derive(Serialize)]
+struct Apns<'a> {
+    headers: ApnsHeaders<'a>,
+    payload: ApnsPayload<'a>,
+}
+
+#[derive(Serialize)]
+struct ApnsHeaders<'a> {
+    #[serde(rename = "apns-priority")]
+    priority: &'static str,
+    #[serde(rename = "apns-push-type")]
+    push_type: &'static str,
+    #[serde(rename = "apns-collapse-id", skip_serializing_if = "Option::is_none")]
+    collapse_id: Option<&'a str>,
+    #[serde(rename = "apns-expiration", skip_serializing_if = "Option::is_none")]
+    expiration: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ApnsPayload<'a> {
+    aps: Aps<'a>,
+}
+
+#[derive(Serialize)]
+struct Aps<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sound: Option<&'static str>,
+    #[serde(rename = "content-available", skip_serializing_if = "Option::is_none")]
+    content_available: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    badge: Option<u64>,
+    #[serde(rename = "thread-id", skip_serializing_if = "Option::is_none")]
+    thread_id: Option<&'a str>,
 }
 
 /// The Android notification channel: the app creates `chat` and `notification`.

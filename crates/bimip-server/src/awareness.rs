@@ -278,7 +278,11 @@ pub async fn set_state(
     });
     state.hub.deliver(user, &own, Some(conn_id));
     match persist.await {
-        Ok(r) => r.map(|_| ()).map_err(Refused::from),
+        Ok(r) => {
+            let stored = r.map_err(Refused::from)?;
+            state.profiles.update(user, &stored);
+            Ok(())
+        }
         Err(e) => Err(Refused::new(
             ErrorCode::Internal,
             format!("storing the change failed: {e}"),

@@ -67,7 +67,7 @@ pub async fn start_send(
 ) -> Result<impl Future<Output = Result<v1::Ack, Refused>> + Send + 'static, Refused> {
     if *req.from != *SYSTEM_SENDER
         && state
-            .blocks
+            .profiles
             .blocks(&state.store, &req.to, &req.from)
             .await?
     {

@@ -4,7 +4,6 @@
 pub mod api;
 pub mod auth;
 pub mod awareness;
-pub mod blocks;
 pub mod config;
 pub mod conn;
 pub mod delivery;
@@ -15,6 +14,7 @@ mod handlers;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod profile_cache;
 pub mod push;
 pub mod revocations;
 pub mod sessions;
@@ -94,14 +94,18 @@ pub async fn run(
     let providers = push::Providers::from_settings(&config.push)?;
     let tasks = tasks::Tasks::new();
     let hub = Arc::new(hub::Hub::new());
+    let profiles = Arc::new(profile_cache::ProfileCache::default());
     let push = Arc::new(push::Push::new(
         config.push.clone(),
-        store.clone(),
-        &hub,
-        outbox.clone(),
-        providers,
-        metrics.clone(),
-        tasks.clone(),
+        push::Deps {
+            store: store.clone(),
+            hub: Arc::downgrade(&hub),
+            outbox: outbox.clone(),
+            providers,
+            profiles: profiles.clone(),
+            metrics: metrics.clone(),
+            tasks: tasks.clone(),
+        },
     ));
     hub.set_missed(Arc::new(push::decide::PushSink(push.clone())));
     let events = Arc::new(webhooks::Events::new(
@@ -123,6 +127,7 @@ pub async fn run(
         push,
         events,
         outbox,
+        profiles,
         tasks,
     }));
     let app = api::router(state.clone());

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub push_outbox_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub push_provider_paused: Family<ProviderLabel, Gauge>,
     pub webhook_events: Family<EventLabel, Counter>,
+    pub push_dispatch_delay_seconds: Histogram,
+    pub push_request_seconds: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,6 +154,9 @@ impl Metrics {
             push_outbox_oldest_seconds: Gauge::default(),
             push_provider_paused: Family::default(),
             webhook_events: Family::default(),
+            // 100 µs .. ~3 s
+            push_dispatch_delay_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            push_request_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             registry: Registry::default(),
         };
         registry.register(
@@ -293,6 +298,16 @@ impl Metrics {
             "push_provider_paused",
             "1 while a push provider is paused after a credential or configuration error",
             m.push_provider_paused.clone(),
+        );
+        registry.register(
+            "push_dispatch_delay_seconds",
+            "From the moment a push job fell due to the start of its attempt",
+            m.push_dispatch_delay_seconds.clone(),
+        );
+        registry.register(
+            "push_request_seconds",
+            "Duration of one provider request (token refresh included)",
+            m.push_request_seconds.clone(),
         );
         registry.register(
             "webhook_events",

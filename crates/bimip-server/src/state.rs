@@ -4,11 +4,11 @@
 
 use crate::{
     auth::Verifier,
-    blocks::BlockCache,
     config::Config,
     hub::Hub,
     limits::ConnLimits,
     metrics::Metrics,
+    profile_cache::ProfileCache,
     push::{Push, outbox::Outbox},
     revocations::Revocations,
     tasks::Tasks,
@@ -32,7 +32,8 @@ pub struct AppState {
     pub events: Arc<Events>,
     /// The durable outbox of push and event jobs.
     pub outbox: Arc<Outbox>,
-    pub blocks: BlockCache,
+    /// Blocks and DND of users, read through from the store.
+    pub profiles: Arc<ProfileCache>,
     pub metrics: Arc<Metrics>,
     pub verifier: Verifier,
     /// Connections per user and in total (checked before the upgrade).
@@ -61,6 +62,7 @@ pub struct Parts {
     pub push: Arc<Push>,
     pub events: Arc<Events>,
     pub outbox: Arc<Outbox>,
+    pub profiles: Arc<ProfileCache>,
     pub tasks: Tasks,
 }
 
@@ -78,7 +80,7 @@ impl AppState {
             push: p.push,
             events: p.events,
             outbox: p.outbox,
-            blocks: BlockCache::default(),
+            profiles: p.profiles,
             metrics: p.metrics,
             verifier: p.verifier,
             tasks: p.tasks,

@@ -148,6 +148,10 @@ pub struct ServeArgs {
     /// Pushes sent concurrently [default: 64].
     #[arg(long, env = "BIMIP_PUSH_WORKERS")]
     push_workers: Option<usize>,
+    /// How long a provider with a credential or configuration error is paused, in ms
+    /// [default: 60000].
+    #[arg(long, env = "BIMIP_PUSH_PAUSE_MS")]
+    push_pause_ms: Option<u64>,
     /// Extra CA certificates (PEM) trusted for the push providers' and webhooks' HTTPS.
     #[arg(long, env = "BIMIP_PUSH_CA_FILE")]
     push_ca_file: Option<PathBuf>,
@@ -369,6 +373,7 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut p.max_attempts, &a.push_max_attempts);
     set(&mut p.max_age_secs, &a.push_max_age);
     set(&mut p.workers, &a.push_workers);
+    set(&mut p.pause_ms, &a.push_pause_ms);
     set_opt(&mut p.ca_file, &a.push_ca_file);
     let w = &mut c.webhooks;
     set_opt(&mut w.url, &a.webhook_url);

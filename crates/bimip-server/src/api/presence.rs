@@ -342,7 +342,7 @@ async fn block(
         .await
         .map_err(crate::error::Refused::from)?;
     state
-        .blocks
+        .profiles
         .refresh(&state.store, &user)
         .await
         .map_err(crate::error::Refused::from)?;

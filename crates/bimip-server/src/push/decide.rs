@@ -12,9 +12,9 @@
 
 use super::{Push, content::NotificationContent, outbox::Coalesced};
 use crate::hub::{MissedDelivery, StoredItem};
-use bimip_proto::v1::{Partition, Status};
+use bimip_proto::v1::Partition;
 use bimip_store::{
-    ProfileStore, PushStore, QueueStore, StoreError,
+    PushStore, QueueStore, StoreError,
     push::{DeviceToken, Job, OutboxJob, PushJob, PushKind},
 };
 use futures_util::future::{BoxFuture, join_all};
@@ -68,8 +68,8 @@ impl Push {
         user: &str,
         from: &str,
     ) -> Result<Option<&'static str>, StoreError> {
-        let profile = self.store.profile(user).await?;
-        if profile.intent == Status::Dnd {
+        let profile = self.profiles.get(&self.store, user).await?;
+        if profile.dnd {
             return Ok(Some("dnd"));
         }
         if profile.blocks.contains(from) {
@@ -155,7 +155,6 @@ impl Push {
                         } else {
                             notification_key(item.to, &d.device, item.from)
                         },
-                        ..Default::default()
                     };
                     let label = platform_label(d);
                     async move {
@@ -177,8 +176,7 @@ impl Push {
         user: &str,
         from: &str,
     ) -> Result<Option<&'static str>, StoreError> {
-        let profile = self.store.profile(user).await?;
-        if profile.intent == Status::Dnd {
+        if self.profiles.get(&self.store, user).await?.dnd {
             return Ok(Some("dnd"));
         }
         if self.store.is_muted(user, from).await {

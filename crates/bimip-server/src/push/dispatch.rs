@@ -54,7 +54,7 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
         let free = push_slots.available_permits() + event_slots.available_permits();
         let now = bimip_proto::now_ms();
         let (jobs, next) = if free > 0 {
-            outbox.take_due(now, free).await
+            outbox.take_due(now, free)
         } else {
             (Vec::new(), None)
         };
@@ -69,11 +69,13 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
                     let (push, outbox) = (push.clone(), outbox.clone());
                     tasks.spawn(async move {
                         let id = job.id;
-                        let how = push.attempt(&job).await;
+                        let how = Box::pin(push.attempt(&job)).await;
+                        // The slot bounds provider requests in flight; recording the outcome
+                        // (a durable write) does not need it.
+                        drop(permit);
                         if let Err(e) = outbox.complete(id, how).await {
                             tracing::warn!(job = id, error = %e, "recording a push attempt");
                         }
-                        drop(permit);
                     });
                 }
                 Some(Job::Event(_)) => {
@@ -85,11 +87,11 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
                     let (events, outbox) = (events.clone(), outbox.clone());
                     tasks.spawn(async move {
                         let id = job.id;
-                        let how = events.attempt(&job).await;
+                        let how = Box::pin(events.attempt(&job)).await;
+                        drop(permit);
                         if let Err(e) = outbox.complete(id, how).await {
                             tracing::warn!(job = id, error = %e, "recording a webhook attempt");
                         }
-                        drop(permit);
                     });
                 }
                 None => {
@@ -234,7 +236,14 @@ impl Push {
             }
         };
         let sent_at = bimip_proto::now_ms();
+        self.metrics
+            .push_dispatch_delay_seconds
+            .observe((sent_at - job.due_at).max(0) as f64 / 1000.0);
+        let started = std::time::Instant::now();
         let outcome = provider.send(&msg).await;
+        self.metrics
+            .push_request_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.outcome(job, p, &token, platform, outcome, sent_at)
             .await
     }
@@ -274,14 +283,13 @@ impl Push {
         let name = platform.name();
         let now = bimip_proto::now_ms();
         match outcome {
-            Outcome::Sent { receipt } => {
+            Outcome::Sent { .. } => {
                 self.unpause(platform);
                 self.metrics.push_outcome(name, "sent", kind_label(p));
                 self.store.note_pushed(&p.user, &p.device, now).await;
                 if p.kind == PushKind::Chat as i32 {
                     Completion::SentWindow {
                         window_until: now + self.settings.collapse_ms as i64,
-                        receipt,
                     }
                 } else {
                     Completion::Remove

@@ -22,6 +22,7 @@ use crate::{
     config::{ConfigError, PushSettings},
     hub::Hub,
     metrics::Metrics,
+    profile_cache::ProfileCache,
     tasks::Tasks,
 };
 use bimip_push::{Platform, Provider, apns, fcm, http::HttpOptions, webhook};
@@ -127,31 +128,36 @@ pub struct Push {
     pub(crate) hub: Weak<Hub>,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) providers: Providers,
+    pub(crate) profiles: Arc<ProfileCache>,
     /// Providers paused after a credential or configuration error, until (unix ms).
     pub(crate) paused: Mutex<HashMap<Platform, i64>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tasks: Tasks,
 }
 
+/// What the push service works with, besides its settings.
+pub struct Deps {
+    pub store: Store,
+    pub hub: Weak<Hub>,
+    pub outbox: Arc<Outbox>,
+    pub providers: Providers,
+    pub profiles: Arc<ProfileCache>,
+    pub metrics: Arc<Metrics>,
+    pub tasks: Tasks,
+}
+
 impl Push {
-    pub fn new(
-        settings: PushSettings,
-        store: Store,
-        hub: &Arc<Hub>,
-        outbox: Arc<Outbox>,
-        providers: Providers,
-        metrics: Arc<Metrics>,
-        tasks: Tasks,
-    ) -> Push {
+    pub fn new(settings: PushSettings, d: Deps) -> Push {
         Push {
             settings,
-            store,
-            hub: Arc::downgrade(hub),
-            outbox,
-            providers,
+            store: d.store,
+            hub: d.hub,
+            outbox: d.outbox,
+            providers: d.providers,
+            profiles: d.profiles,
             paused: Mutex::new(HashMap::new()),
-            metrics,
-            tasks,
+            metrics: d.metrics,
+            tasks: d.tasks,
         }
     }
 

@@ -1,8 +1,12 @@
 //! The outbox scheduler: every job (push or event) in memory, indexed by id, by coalesce key and
 //! by due time, with each change persisted through the [`PushStore`] (durable before the caller
 //! goes on). A job is taken by one worker at a time (`in_flight`); what the worker reports back
-//! ([`Completion`]) decides whether the job is removed, kept as the marker of a sent chat push
-//! until its collapse window ends, or scheduled again.
+//! ([`Completion`]) decides whether the job is removed or scheduled again.
+//!
+//! The collapse window of a sent chat push (no second push for the same key until it ends) is
+//! kept in memory only: after a restart, one more push per key may be sent inside a window,
+//! which the device shows in place of the first (same collapse id). Keeping it on disk would
+//! cost two more durable writes per push.
 //!
 //! Every change bumps the job's `version`, and the store keeps the highest version it was given,
 //! so persisting outside the lock (in any order) leaves the newest state on disk.
@@ -29,10 +33,14 @@ struct Entry {
 #[derive(Default)]
 struct State {
     jobs: HashMap<u64, Entry>,
-    /// Coalesce key → id of the job (pending or sent marker) holding it.
+    /// Coalesce key → id of the pending job holding it.
     by_key: HashMap<String, u64>,
-    /// (due_at, id) of every job not in flight; a sent marker is due when its window ends.
+    /// (due_at, id) of every job not in flight.
     due: BTreeSet<(i64, u64)>,
+    /// Coalesce key → end of the collapse window of the push sent for it (unix ms).
+    windows: HashMap<String, i64>,
+    /// (window end, key), to forget ended windows.
+    window_ends: BTreeSet<(i64, String)>,
 }
 
 /// What to persist after a change made under the lock.
@@ -64,9 +72,9 @@ pub enum Coalesced {
 pub enum Completion {
     /// Done with the job (sent, or nothing to send any more): remove it.
     Remove,
-    /// A chat push was sent: keep the job as the marker of its collapse window until
-    /// `window_until` (unix ms); messages of the same key until then send nothing.
-    SentWindow { window_until: i64, receipt: String },
+    /// A chat push was sent: remove the job, and until `window_until` (unix ms) messages of the
+    /// same coalesce key send nothing.
+    SentWindow { window_until: i64 },
     /// Try again at `due_at`; `attempted` counts this attempt, `error` is kept on the job.
     Again {
         due_at: i64,
@@ -97,7 +105,7 @@ impl Outbox {
             {
                 state.by_key.insert(p.coalesce_key.clone(), job.id);
             }
-            state.due.insert((due_of(&job), job.id));
+            state.due.insert((job.due_at, job.id));
             state.jobs.insert(
                 job.id,
                 Entry {
@@ -179,58 +187,54 @@ impl Outbox {
         let mut changes = Changes::default();
         let outcome = {
             let mut st = self.lock();
+            let in_window = window
+                && st
+                    .windows
+                    .get(&push.coalesce_key)
+                    .is_some_and(|&until| until > now);
             let existing = st.by_key.get(&push.coalesce_key).copied();
-            let mut outcome = None;
-            if let Some(id) = existing
-                && let Some(entry) = st.jobs.get_mut(&id)
+            let pending = existing.and_then(|id| st.jobs.get_mut(&id));
+            if in_window {
+                Coalesced::InWindow
+            } else if let Some(entry) = pending
                 && let Some(Job::Push(p)) = &mut entry.job.job
             {
-                if p.sent && window && p.window_until > now {
-                    outcome = Some(Coalesced::InWindow);
-                } else if !p.sent {
-                    p.count = p.count.saturating_add(push.count.max(1));
-                    if push.offset >= p.offset {
-                        p.offset = push.offset;
-                        p.message_id = push.message_id.clone();
-                        p.title = push.title.clone();
-                        p.body = push.body.clone();
-                        p.data = push.data.clone();
-                    }
-                    entry.job.version += 1;
-                    changes.put.push(entry.job.clone());
-                    outcome = Some(Coalesced::Merged);
+                p.count = p.count.saturating_add(push.count.max(1));
+                if push.offset >= p.offset {
+                    p.offset = push.offset;
+                    p.message_id = push.message_id.clone();
+                    p.title = push.title.clone();
+                    p.body = push.body.clone();
+                    p.data = push.data.clone();
                 }
-            }
-            match outcome {
-                Some(o) => o,
-                None => {
-                    // No job, or a sent marker whose window is over: it makes room.
-                    if let Some(old) = existing {
-                        remove_entry(&mut st, old, &mut changes);
-                    }
-                    let id = self.new_id();
-                    let key = push.coalesce_key.clone();
-                    let job = OutboxJob {
-                        id,
-                        version: 1,
-                        created_at: now,
-                        due_at,
-                        attempts: 0,
-                        last_error: String::new(),
-                        job: Some(Job::Push(push)),
-                    };
+                entry.job.version += 1;
+                changes.put.push(entry.job.clone());
+                Coalesced::Merged
+            } else {
+                let id = self.new_id();
+                let key = push.coalesce_key.clone();
+                let job = OutboxJob {
+                    id,
+                    version: 1,
+                    created_at: now,
+                    due_at,
+                    attempts: 0,
+                    last_error: String::new(),
+                    job: Some(Job::Push(push)),
+                };
+                if !key.is_empty() {
                     st.by_key.insert(key, id);
-                    st.due.insert((due_at, id));
-                    st.jobs.insert(
-                        id,
-                        Entry {
-                            job: job.clone(),
-                            in_flight: false,
-                        },
-                    );
-                    changes.put.push(job);
-                    Coalesced::Created
                 }
+                st.due.insert((due_at, id));
+                st.jobs.insert(
+                    id,
+                    Entry {
+                        job: job.clone(),
+                        in_flight: false,
+                    },
+                );
+                changes.put.push(job);
+                Coalesced::Created
             }
         };
         if outcome == Coalesced::Created {
@@ -240,37 +244,34 @@ impl Outbox {
         Ok(outcome)
     }
 
-    /// Takes up to `limit` jobs due at `now` (marking them in flight). Sent markers whose window
-    /// ended are removed on the way. Also returns when the next job is due (unix ms).
-    pub async fn take_due(&self, now: i64, limit: usize) -> (Vec<OutboxJob>, Option<i64>) {
+    /// Takes up to `limit` jobs due at `now` (marking them in flight), and forgets collapse
+    /// windows that ended. Also returns when the next job is due (unix ms).
+    pub fn take_due(&self, now: i64, limit: usize) -> (Vec<OutboxJob>, Option<i64>) {
         let mut taken = Vec::new();
-        let mut changes = Changes::default();
-        let next = {
-            let mut st = self.lock();
-            while taken.len() < limit {
-                let Some(&(due, id)) = st.due.first() else {
-                    break;
-                };
-                if due > now {
-                    break;
-                }
-                st.due.remove(&(due, id));
-                let Some(entry) = st.jobs.get_mut(&id) else {
-                    continue;
-                };
-                if matches!(&entry.job.job, Some(Job::Push(p)) if p.sent) {
-                    remove_entry(&mut st, id, &mut changes);
-                    continue;
-                }
+        let mut st = self.lock();
+        while let Some((end, _)) = st.window_ends.first()
+            && *end <= now
+        {
+            if let Some((end, key)) = st.window_ends.pop_first()
+                && st.windows.get(&key) == Some(&end)
+            {
+                st.windows.remove(&key);
+            }
+        }
+        while taken.len() < limit {
+            let Some(&(due, id)) = st.due.first() else {
+                break;
+            };
+            if due > now {
+                break;
+            }
+            st.due.remove(&(due, id));
+            if let Some(entry) = st.jobs.get_mut(&id) {
                 entry.in_flight = true;
                 taken.push(entry.job.clone());
             }
-            st.due.first().map(|(d, _)| *d)
-        };
-        if let Err(e) = self.persist(changes).await {
-            tracing::warn!(error = %e, "removing expired push markers");
         }
-        (taken, next)
+        (taken, st.due.first().map(|(d, _)| *d))
     }
 
     /// A worker finished with job `id`. Durable when it returns.
@@ -287,19 +288,15 @@ impl Outbox {
                     remove_entry(&mut st, id, &mut changes);
                     false
                 }
-                Completion::SentWindow {
-                    window_until,
-                    receipt,
-                } => {
-                    if let Some(Job::Push(p)) = &mut entry.job.job {
-                        p.sent = true;
-                        p.window_until = window_until;
-                        p.receipt = receipt;
+                Completion::SentWindow { window_until } => {
+                    if let Some(Job::Push(p)) = &entry.job.job
+                        && !p.coalesce_key.is_empty()
+                    {
+                        let key = p.coalesce_key.clone();
+                        st.windows.insert(key.clone(), window_until);
+                        st.window_ends.insert((window_until, key));
                     }
-                    entry.job.version += 1;
-                    entry.job.due_at = window_until;
-                    changes.put.push(entry.job.clone());
-                    st.due.insert((window_until, id));
+                    remove_entry(&mut st, id, &mut changes);
                     false
                 }
                 Completion::Again {
@@ -325,34 +322,17 @@ impl Outbox {
         self.persist(changes).await
     }
 
-    /// Jobs waiting (pending or in flight; sent markers not counted) and the creation time of
-    /// the oldest (unix ms), for metrics.
+    /// Jobs waiting (pending or in flight) and the creation time of the oldest (unix ms), for
+    /// metrics.
     pub fn depth(&self) -> (usize, Option<i64>) {
         let st = self.lock();
-        let mut n = 0;
-        let mut oldest: Option<i64> = None;
-        for e in st.jobs.values() {
-            if matches!(&e.job.job, Some(Job::Push(p)) if p.sent) {
-                continue;
-            }
-            n += 1;
-            oldest = Some(oldest.map_or(e.job.created_at, |o| o.min(e.job.created_at)));
-        }
-        (n, oldest)
-    }
-}
-
-/// A job's position in the due order.
-fn due_of(job: &OutboxJob) -> i64 {
-    match &job.job {
-        Some(Job::Push(p)) if p.sent => p.window_until,
-        _ => job.due_at,
+        let oldest = st.jobs.values().map(|e| e.job.created_at).min();
+        (st.jobs.len(), oldest)
     }
 }
 
 fn remove_entry(st: &mut State, id: u64, changes: &mut Changes) {
     if let Some(e) = st.jobs.remove(&id) {
-        st.due.remove(&(due_of(&e.job), id));
         st.due.remove(&(e.job.due_at, id));
         if let Some(Job::Push(p)) = &e.job.job
             && st.by_key.get(&p.coalesce_key) == Some(&id)

@@ -8,6 +8,7 @@ mod idle;
 mod mixed;
 mod offline;
 mod presence;
+mod push;
 mod report;
 mod stats;
 
@@ -41,6 +42,8 @@ enum Scenario {
     Presence(presence::PresenceArgs),
     /// A blend: idle users, chatting pairs, typing, intent churn, reconnects with RESUME.
     Mixed(mixed::MixedArgs),
+    /// Pushes through a fake FCM: starts its own server and fake; throughput and latency.
+    Push(push::PushArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -101,6 +104,19 @@ pub struct Ctx {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let c = args.common.clone();
+    let args = match args.scenario {
+        // Starts its own server and fake provider: no --url or --secret.
+        Scenario::Push(a) => {
+            let fut = push::run(a, c);
+            return tokio::time::timeout(Duration::from_secs(1800), fut)
+                .await
+                .map_err(|_| anyhow!("the scenario did not finish within 1800 s"))?;
+        }
+        scenario => BenchArgs {
+            scenario,
+            common: args.common,
+        },
+    };
     let secret = c
         .secret
         .clone()
@@ -125,6 +141,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Presence(a) => a.contacts + 1,
         Scenario::Mixed(a) => a.idle + 2 * a.pairs + a.reconnect_users + 1,
         Scenario::Offline(_) => 2,
+        Scenario::Push(_) => 0,
     };
     let n_src = match c.source_addrs {
         // Past about half the ephemeral port range (28k ports here) the kernel's search for a
@@ -172,6 +189,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Idle(a) => idle::run(&ctx, a).await,
             Scenario::Presence(a) => presence::run(&ctx, a).await,
             Scenario::Mixed(a) => mixed::run(&ctx, a).await,
+            Scenario::Push(_) => Ok(()),
         }
     };
     tokio::time::timeout(Duration::from_secs(900), fut)
