@@ -319,7 +319,7 @@ impl Default for PushSettings {
             retry_max_ms: 600_000,
             max_attempts: 10,
             max_age_secs: 3600,
-            workers: 64,
+            workers: 256,
             ca_file: None,
             timeout_ms: 15_000,
             pause_ms: 60_000,

@@ -358,8 +358,9 @@ impl Sessions {
     }
 
     /// [`Self::deliver`], also collecting into `reached` the device id of every connection
-    /// the frame was offered to (slow ones included: they are being closed and will catch up
-    /// when they reconnect).
+    /// that took the frame. A connection whose outbox was full is being closed as slow: it did
+    /// not get the frame, so its device is not counted as reached (it gets a push if it has a
+    /// token, and catches up when it reconnects).
     pub fn deliver_to(
         &self,
         user: &str,
@@ -373,15 +374,12 @@ impl Sessions {
             return d;
         };
         for conn in entry.conns.iter().filter(|c| Some(c.id) != except) {
-            let offered = if conn.offer(frame) {
+            let offered = conn.offer(frame);
+            if offered {
                 d.devices += 1;
-                true
             } else if !conn.tx.is_closed() {
                 d.slow += 1;
-                true
-            } else {
-                false
-            };
+            }
             if offered && let Some(r) = reached.as_deref_mut() {
                 r.push(conn.device.clone());
             }

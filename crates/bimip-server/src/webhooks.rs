@@ -85,7 +85,7 @@ impl Events {
                 let s = EventSender::new(url, secret, http).map_err(|e| {
                     crate::config::ConfigError::Invalid(format!("event webhook: {e}"))
                 })?;
-                tracing::info!(url = %url, events = ?settings.events, "event webhooks: on");
+                tracing::info!(endpoint = %crate::push::url_origin(url), events = ?settings.events, "event webhooks: on");
                 Some(s)
             }
             _ => {
@@ -163,10 +163,8 @@ impl Events {
             return self.dead_letter(job, "provider_disabled", "").await;
         };
         if self.gone.load(Ordering::Acquire) {
-            return Completion::Again {
+            return Completion::Park {
                 due_at: now + PARKED_MS,
-                attempted: false,
-                error: "endpoint answered 410 Gone; disabled until restart".into(),
             };
         }
         if now - job.created_at > (self.settings.max_age_secs as i64).saturating_mul(1000) {
@@ -178,15 +176,12 @@ impl Events {
                 self.metrics.webhook_event(&ev.r#type, "sent");
                 Completion::Remove
             }
-            Outcome::Retry { after, reason } => {
-                self.metrics.webhook_event(&ev.r#type, "retry");
-                let delay = backoff(self.retry_base_ms, self.retry_max_ms, job.attempts + 1)
-                    .max(after.unwrap_or_default());
-                Completion::Again {
-                    due_at: now + delay.as_millis() as i64,
-                    attempted: true,
-                    error: reason,
-                }
+            // Any other answer than a 2xx or a 410 is retried until the event is too old: a
+            // receiver that answers 401 or 404 is most likely misconfigured for a while (a
+            // wrong secret, a deploy), and dropping its events at once would lose them all.
+            Outcome::Retry { after, reason } => self.retry(job, &ev.r#type, now, after, reason),
+            Outcome::Invalid { reason } | Outcome::ProviderConfig { reason } => {
+                self.retry(job, &ev.r#type, now, None, reason)
             }
             Outcome::DropToken { reason, .. } => {
                 if !self.gone.swap(true, Ordering::AcqRel) {
@@ -196,18 +191,28 @@ impl Events {
                     );
                 }
                 self.metrics.webhook_event(&ev.r#type, "gone");
-                Completion::Again {
+                Completion::Park {
                     due_at: now + PARKED_MS,
-                    attempted: false,
-                    error: reason,
                 }
             }
-            Outcome::Invalid { reason } => self.dead_letter(job, "invalid", &reason).await,
-            Outcome::ProviderConfig { reason } => Completion::Again {
-                due_at: now + self.retry_max_ms as i64,
-                attempted: false,
-                error: reason,
-            },
+        }
+    }
+
+    fn retry(
+        &self,
+        job: &OutboxJob,
+        event: &str,
+        now: i64,
+        after: Option<std::time::Duration>,
+        reason: String,
+    ) -> Completion {
+        self.metrics.webhook_event(event, "retry");
+        let delay = backoff(self.retry_base_ms, self.retry_max_ms, job.attempts + 1)
+            .max(after.unwrap_or_default());
+        Completion::Again {
+            due_at: now + delay.as_millis() as i64,
+            attempted: true,
+            error: reason,
         }
     }
 

@@ -145,7 +145,7 @@ pub struct ServeArgs {
     /// Age after which an unsent push is dead-lettered (e.g. 1h, 30m) [default: 1h].
     #[arg(long, env = "BIMIP_PUSH_MAX_AGE", value_parser = parse_duration_secs)]
     push_max_age: Option<u64>,
-    /// Pushes sent concurrently [default: 64].
+    /// Pushes sent concurrently [default: 256].
     #[arg(long, env = "BIMIP_PUSH_WORKERS")]
     push_workers: Option<usize>,
     /// How long a provider with a credential or configuration error is paused, in ms

@@ -174,13 +174,13 @@ pub async fn put_push_token(
         locale: b.locale,
     };
     let token = devices::masked(&reg.token);
-    let moved = devices::register(&state, &user, &device, reg).await?;
+    let (moved, registered_at) = devices::register(&state, &user, &device, reg).await?;
     Ok(Json(PushTokenReply {
         user,
         device,
         platform: b.platform,
         token,
-        registered_at: bimip_proto::now_ms(),
+        registered_at,
         moved_from: moved
             .into_iter()
             .map(|(user, device)| DeviceRef { user, device })
@@ -457,8 +457,16 @@ pub async fn notify(
     };
     // A retry with the same key stores the same message id, which each queue recognizes as a
     // duplicate: even a retry after a crash before the answer was kept delivers nothing twice.
+    // The key and the body together: the same key with another body (after the 24 h, or two
+    // requests racing) is another notification, not a duplicate.
     let id = match &key {
-        Some(k) => format!("ntf-{}", &hex::encode(Sha256::digest(k.as_bytes()))[..32]),
+        Some(k) => {
+            let mut h = Sha256::new();
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(&request_hash);
+            format!("ntf-{}", &hex::encode(h.finalize())[..32])
+        }
         None => format!(
             "ntf-{:016x}{:016x}",
             rand::random::<u64>(),

@@ -67,14 +67,15 @@ impl Registration {
 }
 
 /// Registers the token of `user`'s `device`. Returns the devices (user, device) the same token
-/// was removed from.
+/// was removed from, and the registration time (unix ms).
 pub async fn register(
     state: &Shared,
     user: &str,
     device: &str,
     reg: Registration,
-) -> Result<Vec<(String, String)>, Refused> {
+) -> Result<(Vec<(String, String)>, i64), Refused> {
     reg.validate()?;
+    let registered_at = bimip_proto::now_ms();
     let token = DeviceToken {
         user: user.to_string(),
         device: device.to_string(),
@@ -82,7 +83,7 @@ pub async fn register(
         token: reg.token,
         sandbox: reg.sandbox,
         locale: reg.locale,
-        registered_at: bimip_proto::now_ms(),
+        registered_at,
         last_push_at: 0,
     };
     let moved = state.store.put_device_token(token).await?;
@@ -91,7 +92,7 @@ pub async fn register(
             "push token moved to another device");
     }
     state.metrics.push_tokens("registered");
-    Ok(moved)
+    Ok((moved, registered_at))
 }
 
 /// Removes the token of `user`'s `device`. Returns whether there was one.

@@ -51,21 +51,26 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
     let cancelled = tasks.cancelled();
     tokio::pin!(cancelled);
     loop {
-        let free = push_slots.available_permits() + event_slots.available_permits();
+        let (push_free, event_free) = (
+            push_slots.available_permits(),
+            event_slots.available_permits(),
+        );
         let now = bimip_proto::now_ms();
-        let (jobs, next) = if free > 0 {
-            outbox.take_due(now, free)
-        } else {
-            (Vec::new(), None)
-        };
+        let (jobs, next) = outbox.take_due(now, push_free, event_free);
         for job in jobs {
+            // Each job was taken against a free slot of its kind: acquiring it does not wait.
+            let slots = match &job.job {
+                Some(Job::Event(_)) => &event_slots,
+                _ => &push_slots,
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                let _ = outbox
+                    .complete(job.id, Completion::Park { due_at: now })
+                    .await;
+                continue;
+            };
             match &job.job {
                 Some(Job::Push(_)) => {
-                    let permit = tokio::select! {
-                        p = push_slots.clone().acquire_owned() => p,
-                        _ = &mut cancelled => return,
-                    };
-                    let Ok(permit) = permit else { return };
                     let (push, outbox) = (push.clone(), outbox.clone());
                     tasks.spawn(async move {
                         let id = job.id;
@@ -73,41 +78,37 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
                         // The slot bounds provider requests in flight; recording the outcome
                         // (a durable write) does not need it.
                         drop(permit);
+                        outbox.wake.notify_one();
                         if let Err(e) = outbox.complete(id, how).await {
                             tracing::warn!(job = id, error = %e, "recording a push attempt");
                         }
                     });
                 }
                 Some(Job::Event(_)) => {
-                    let permit = tokio::select! {
-                        p = event_slots.clone().acquire_owned() => p,
-                        _ = &mut cancelled => return,
-                    };
-                    let Ok(permit) = permit else { return };
                     let (events, outbox) = (events.clone(), outbox.clone());
                     tasks.spawn(async move {
                         let id = job.id;
                         let how = Box::pin(events.attempt(&job)).await;
                         drop(permit);
+                        outbox.wake.notify_one();
                         if let Err(e) = outbox.complete(id, how).await {
                             tracing::warn!(job = id, error = %e, "recording a webhook attempt");
                         }
                     });
                 }
                 None => {
+                    drop(permit);
                     let _ = outbox.complete(job.id, Completion::Remove).await;
                 }
             }
         }
-        // Sleep until the next job is due, a new job arrives, or a worker frees up.
-        let wait = match next {
-            Some(at) if free > 0 => Duration::from_millis((at - now).clamp(0, 1000) as u64),
-            _ => Duration::from_millis(if free > 0 { 1000 } else { 5 }),
-        };
+        // Sleep until the next job is due, a job arrives or a worker frees a slot (both wake
+        // `outbox.wake`), at most a second.
+        let wait = next.map_or(1000, |at| (at - now).clamp(0, 1000)) as u64;
         tokio::select! {
             _ = &mut cancelled => return,
             _ = outbox.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
         }
     }
 }
@@ -201,11 +202,7 @@ impl Push {
                 .await;
         };
         if let Some(until) = self.paused_until(platform, now) {
-            return Completion::Again {
-                due_at: until,
-                attempted: false,
-                error: job.last_error.clone(),
-            };
+            return Completion::Park { due_at: until };
         }
         let target = content::Target {
             job_id: job.id,
@@ -342,11 +339,7 @@ impl Push {
                 let until = now + self.settings.pause_ms as i64;
                 self.pause(platform, until, &reason);
                 self.metrics.push_outcome(name, "paused", "provider_config");
-                Completion::Again {
-                    due_at: until,
-                    attempted: false,
-                    error: reason,
-                }
+                Completion::Park { due_at: until }
             }
         }
     }

@@ -84,7 +84,7 @@ impl Providers {
                 secret: secret.clone(),
             };
             let w = webhook::WebhookProvider::new(&cfg, &http).map_err(|e| setup("webhook", e))?;
-            tracing::info!(url = %url, "push provider webhook: on");
+            tracing::info!(endpoint = %url_origin(url), "push provider webhook: on");
             out.webhook = Some(Arc::new(w));
         } else {
             tracing::info!("push provider webhook: off (no --push-webhook-url)");
@@ -98,6 +98,18 @@ impl Providers {
             Platform::Apns => self.apns.as_ref(),
             Platform::Webhook => self.webhook.as_ref(),
         }
+    }
+}
+
+/// The scheme, host and port of a URL, for logs: a path or query may carry a credential.
+pub fn url_origin(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = host.rsplit('@').next().unwrap_or(host);
+            format!("{scheme}://{host}")
+        }
+        None => "(not a URL)".into(),
     }
 }
 

@@ -28,6 +28,10 @@ struct Entry {
     job: OutboxJob,
     /// A worker holds it: not in `due`, not dispatched again until completed.
     in_flight: bool,
+    /// A newer message was folded into it while a worker held it: if that attempt ends with
+    /// nothing sent (the older message was acknowledged meanwhile, say), the job is tried again
+    /// for the newer one instead of being removed.
+    merged_in_flight: bool,
 }
 
 #[derive(Default)]
@@ -81,6 +85,9 @@ pub enum Completion {
         attempted: bool,
         error: String,
     },
+    /// Not now (its provider is paused, or the event endpoint is gone until restart): wait in
+    /// memory until `due_at`. Nothing is written, so after a restart the job is due at once.
+    Park { due_at: i64 },
 }
 
 pub struct Outbox {
@@ -111,6 +118,7 @@ impl Outbox {
                 Entry {
                     job,
                     in_flight: false,
+                    merged_in_flight: false,
                 },
             );
         }
@@ -162,6 +170,7 @@ impl Outbox {
                 Entry {
                     job: job.clone(),
                     in_flight: false,
+                    merged_in_flight: false,
                 },
             );
         }
@@ -208,6 +217,7 @@ impl Outbox {
                     p.data = push.data.clone();
                 }
                 entry.job.version += 1;
+                entry.merged_in_flight |= entry.in_flight;
                 changes.put.push(entry.job.clone());
                 Coalesced::Merged
             } else {
@@ -231,6 +241,7 @@ impl Outbox {
                     Entry {
                         job: job.clone(),
                         in_flight: false,
+                        merged_in_flight: false,
                     },
                 );
                 changes.put.push(job);
@@ -244,10 +255,18 @@ impl Outbox {
         Ok(outcome)
     }
 
-    /// Takes up to `limit` jobs due at `now` (marking them in flight), and forgets collapse
-    /// windows that ended. Also returns when the next job is due (unix ms).
-    pub fn take_due(&self, now: i64, limit: usize) -> (Vec<OutboxJob>, Option<i64>) {
+    /// Takes jobs due at `now` (marking them in flight): at most `pushes` push jobs and
+    /// `events` event jobs, so a slow push provider never holds events back (or the reverse).
+    /// Also forgets collapse windows that ended, and returns when the next job left waiting is
+    /// due (unix ms).
+    pub fn take_due(
+        &self,
+        now: i64,
+        pushes: usize,
+        events: usize,
+    ) -> (Vec<OutboxJob>, Option<i64>) {
         let mut taken = Vec::new();
+        let (mut pushes, mut events) = (pushes, events);
         let mut st = self.lock();
         while let Some((end, _)) = st.window_ends.first()
             && *end <= now
@@ -258,20 +277,38 @@ impl Outbox {
                 st.windows.remove(&key);
             }
         }
-        while taken.len() < limit {
+        let mut skipped = Vec::new();
+        let mut next = None;
+        while pushes + events > 0 {
             let Some(&(due, id)) = st.due.first() else {
                 break;
             };
             if due > now {
+                next = Some(due);
                 break;
             }
             st.due.remove(&(due, id));
-            if let Some(entry) = st.jobs.get_mut(&id) {
-                entry.in_flight = true;
-                taken.push(entry.job.clone());
+            let Some(entry) = st.jobs.get_mut(&id) else {
+                continue;
+            };
+            let budget = match entry.job.job {
+                Some(Job::Event(_)) => &mut events,
+                _ => &mut pushes,
+            };
+            if *budget == 0 {
+                skipped.push((due, id));
+                continue;
             }
+            *budget -= 1;
+            entry.in_flight = true;
+            taken.push(entry.job.clone());
         }
-        (taken, st.due.first().map(|(d, _)| *d))
+        let earliest_skipped = skipped.first().map(|(d, _)| *d);
+        st.due.extend(skipped);
+        if next.is_none() {
+            next = st.due.first().map(|(d, _)| *d);
+        }
+        (taken, earliest_skipped.or(next))
     }
 
     /// A worker finished with job `id`. Durable when it returns.
@@ -283,9 +320,27 @@ impl Outbox {
                 return Ok(());
             };
             entry.in_flight = false;
+            let merged = std::mem::take(&mut entry.merged_in_flight);
             match how {
+                Completion::Remove if merged => {
+                    // Tried again at once for the message folded in meanwhile.
+                    entry.job.version += 1;
+                    changes.put.push(entry.job.clone());
+                    let due = entry.job.due_at;
+                    st.due.insert((due, id));
+                    true
+                }
                 Completion::Remove => {
                     remove_entry(&mut st, id, &mut changes);
+                    false
+                }
+                Completion::Park { due_at } => {
+                    // The stored due time stays: `remove_entry` and `take_due` look jobs up by
+                    // the one in memory.
+                    let old = entry.job.due_at;
+                    entry.job.due_at = due_at;
+                    st.due.remove(&(old, id));
+                    st.due.insert((due_at, id));
                     false
                 }
                 Completion::SentWindow { window_until } => {
@@ -340,5 +395,133 @@ fn remove_entry(st: &mut State, id: u64, changes: &mut Changes) {
             st.by_key.remove(&p.coalesce_key);
         }
         changes.remove.push((id, e.job.version));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bimip_store::{FileStore, QueueStore, StoreConfig, push::EventJob};
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::File(FileStore::open(StoreConfig::new(dir)).unwrap().0)
+    }
+
+    fn chat(user: &str, offset: u64) -> PushJob {
+        PushJob {
+            user: user.into(),
+            device: "phone".into(),
+            from: "alice".into(),
+            offset,
+            count: 1,
+            coalesce_key: format!("c-{user}"),
+            ..Default::default()
+        }
+    }
+
+    fn event(now: i64) -> OutboxJob {
+        OutboxJob {
+            created_at: now,
+            due_at: now,
+            job: Some(Job::Event(EventJob {
+                r#type: "message.stored".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_one_job_and_a_sent_push_opens_a_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::load(store(dir.path())).await.unwrap();
+        assert_eq!(
+            o.coalesce(chat("bob", 1), 0, 0, true).await.unwrap(),
+            Coalesced::Created
+        );
+        assert_eq!(
+            o.coalesce(chat("bob", 2), 0, 0, true).await.unwrap(),
+            Coalesced::Merged
+        );
+        let (jobs, _) = o.take_due(0, 10, 10);
+        assert_eq!(jobs.len(), 1);
+        let Some(Job::Push(p)) = &jobs[0].job else {
+            panic!()
+        };
+        assert_eq!((p.count, p.offset), (2, 2));
+        o.complete(jobs[0].id, Completion::SentWindow { window_until: 100 })
+            .await
+            .unwrap();
+        assert_eq!(
+            o.coalesce(chat("bob", 3), 50, 50, true).await.unwrap(),
+            Coalesced::InWindow
+        );
+        assert_eq!(o.depth().0, 0);
+        // The window ends: the next message makes a new job.
+        o.take_due(150, 10, 10);
+        assert_eq!(
+            o.coalesce(chat("bob", 4), 150, 150, true).await.unwrap(),
+            Coalesced::Created
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_folded_in_during_an_attempt_that_sends_nothing_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::load(store(dir.path())).await.unwrap();
+        o.coalesce(chat("bob", 1), 0, 0, true).await.unwrap();
+        let (jobs, _) = o.take_due(0, 10, 10);
+        // While the worker finds offset 1 acknowledged, offset 2 arrives.
+        assert_eq!(
+            o.coalesce(chat("bob", 2), 1, 1, true).await.unwrap(),
+            Coalesced::Merged
+        );
+        o.complete(jobs[0].id, Completion::Remove).await.unwrap();
+        let (again, _) = o.take_due(2, 10, 10);
+        assert_eq!(again.len(), 1, "tried again for the newer message");
+        let Some(Job::Push(p)) = &again[0].job else {
+            panic!()
+        };
+        assert_eq!(p.offset, 2);
+        o.complete(again[0].id, Completion::Remove).await.unwrap();
+        assert_eq!(o.depth().0, 0);
+    }
+
+    #[tokio::test]
+    async fn a_parked_job_keeps_its_stored_due_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let o = Outbox::load(s.clone()).await.unwrap();
+        let id = o.add(event(10)).await.unwrap();
+        let (jobs, _) = o.take_due(10, 0, 10);
+        assert_eq!(jobs.len(), 1);
+        o.complete(id, Completion::Park { due_at: 1_000_000 })
+            .await
+            .unwrap();
+        assert!(o.take_due(20, 10, 10).0.is_empty(), "parked in memory");
+        drop(o);
+        s.shutdown().await;
+        let o = Outbox::load(store(dir.path())).await.unwrap();
+        assert_eq!(
+            o.take_due(20, 10, 10).0.len(),
+            1,
+            "due at once after a restart"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_are_not_held_back_by_busy_push_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::load(store(dir.path())).await.unwrap();
+        for u in ["a", "b", "c"] {
+            o.coalesce(chat(u, 1), 0, 0, true).await.unwrap();
+        }
+        o.add(event(1)).await.unwrap();
+        let (jobs, next) = o.take_due(5, 0, 1);
+        assert_eq!(jobs.len(), 1);
+        assert!(matches!(jobs[0].job, Some(Job::Event(_))));
+        assert_eq!(next, Some(0), "the pushes are still due");
+        assert_eq!(o.take_due(5, 2, 0).0.len(), 2);
     }
 }

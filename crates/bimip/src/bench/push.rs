@@ -10,9 +10,10 @@
 //!   them, from its first request to its last, and server CPU per push over the drain;
 //! - **latency** (grace 0): a sender streams chat messages at `--rate` per second for
 //!   `--duration` seconds, each to the next user. For each message, the time to the fake's
-//!   request is measured from the message's Ack (the message is stored and its push job durable:
-//!   a lower bound of "stored → provider request") and from its send (which adds the store's
-//!   commit: an upper bound).
+//!   request is measured from the store's timestamp of the message (carried by its Ack; 1 ms
+//!   resolution: "stored → provider request"), from the Ack's arrival (the message and its push
+//!   job are durable by then, so the push may even come first) and from the send (which adds
+//!   the store's commit).
 
 use super::conn::{Target, Writer};
 use super::stats::{Errors, round, summary};
@@ -175,14 +176,6 @@ pub async fn run(a: PushArgs, common: Common) -> anyhow::Result<()> {
         "server_args": a.server_args,
     });
     let mut last_ctx = None;
-    if a.only.as_deref() != Some("latency") {
-        let (server, addr) = spawn_server(&a, &fake, a.fill_pause_ms)?;
-        let ctx = ctx_for(&server, addr, &common);
-        register_tokens(&ctx, &users).await?;
-        rec["throughput"] = throughput(&ctx, &fake, &users, &a).await?;
-        rec["server_rss_mb"] = super::stats::mb(ctx.server_rss_kb());
-        last_ctx = Some(ctx);
-    }
     if a.only.as_deref() != Some("throughput") {
         // One message per user per second: every user's files stay open in the store (this
         // phase measures pushes, not the first write to ten thousand new queues).
@@ -193,11 +186,30 @@ pub async fn run(a: PushArgs, common: Common) -> anyhow::Result<()> {
         rec["latency"] = latency(&ctx, &fake, users, a.rate, a.duration).await?;
         rec["latency"]["users"] = users.len().into();
         last_ctx = Some(ctx);
+        drop(server);
+        settle().await;
+    }
+    if a.only.as_deref() != Some("latency") {
+        let (server, addr) = spawn_server(&a, &fake, a.fill_pause_ms)?;
+        let ctx = ctx_for(&server, addr, &common);
+        register_tokens(&ctx, &users).await?;
+        rec["throughput"] = throughput(&ctx, &fake, &users, &a).await?;
+        rec["server_rss_mb"] = super::stats::mb(ctx.server_rss_kb());
+        last_ctx = Some(ctx);
+        drop(server);
+        settle().await;
     }
     match last_ctx {
         Some(ctx) => ctx.emit(rec),
         None => bail!("--only takes throughput or latency"),
     }
+}
+
+/// After a phase's server and data dir are gone: `sync`, so the next phase's fsyncs do not wait
+/// for the write-back of the removed files.
+async fn settle() {
+    let _ = tokio::process::Command::new("sync").status().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 async fn register_tokens(ctx: &Ctx, users: &[String]) -> anyhow::Result<()> {
@@ -234,7 +246,8 @@ async fn register_tokens(ctx: &Ctx, users: &[String]) -> anyhow::Result<()> {
 struct Sender {
     w: Writer,
     acked: Arc<tokio::sync::Semaphore>,
-    acks: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Ack ref → when it arrived, and the message's store timestamp (unix ms) it carried.
+    acks: Arc<Mutex<HashMap<u64, (Instant, i64)>>>,
     errors: Arc<Errors>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -244,16 +257,16 @@ impl Sender {
         let (w, mut r, _) = ctx.target.connect(user, "bench", n).await?;
         r.read_fanout(Duration::from_secs(10)).await?;
         let acked = Arc::new(tokio::sync::Semaphore::new(0));
-        let acks: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+        let acks: Arc<Mutex<HashMap<u64, (Instant, i64)>>> = Arc::default();
         let errors = Arc::new(Errors::default());
         let reader = {
             let (acked, acks, errors) = (acked.clone(), acks.clone(), errors.clone());
             tokio::spawn(async move {
                 while let Ok(Some(f)) = r.recv().await {
                     match &f.body {
-                        Some(Body::Ack(_)) => {
+                        Some(Body::Ack(a)) => {
                             if let Ok(mut m) = acks.lock() {
-                                m.insert(f.r#ref, Instant::now());
+                                m.insert(f.r#ref, (Instant::now(), a.timestamp));
                             }
                             acked.add_permits(1);
                         }
@@ -382,8 +395,17 @@ async fn latency(
     let sent = sent.lock().map_err(|_| anyhow!("send map poisoned"))?;
     let acks = s.acks.lock().map_err(|_| anyhow!("ack map poisoned"))?;
     let new_hist = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3);
-    let (mut from_ack, mut from_send) = (new_hist()?, new_hist()?);
+    let (mut from_ack, mut from_send, mut from_stored) = (new_hist()?, new_hist()?, new_hist()?);
     let mut before_ack = 0u64;
+    // The fake's receive instants on the wall clock, to compare with the store's timestamps.
+    let (i0, w0) = (Instant::now(), bimip_proto::now_ms());
+    let wall_ms = |t: Instant| {
+        if t >= i0 {
+            w0 + (t - i0).as_millis() as i64
+        } else {
+            w0 - (i0 - t).as_millis() as i64
+        }
+    };
     for req in fake.requests() {
         let id = req.message()["data"]["message_id"].as_str().unwrap_or("");
         let Some((r, t_send)) = sent.get(id) else {
@@ -391,11 +413,13 @@ async fn latency(
         };
         let us = |t0: Instant| req.received.saturating_duration_since(t0).as_micros() as u64;
         from_send.saturating_record(us(*t_send).max(1));
-        if let Some(t_ack) = acks.get(r) {
+        if let Some((t_ack, stored_ms)) = acks.get(r) {
             if req.received < *t_ack {
                 before_ack += 1;
             }
             from_ack.saturating_record(us(*t_ack).max(1));
+            let ms = (wall_ms(req.received) - stored_ms).max(0) as u64;
+            from_stored.saturating_record((ms * 1000).max(1));
         }
     }
     Ok(json!({
@@ -403,6 +427,7 @@ async fn latency(
         "duration_s": duration,
         "sent": n,
         "pushes": got,
+        "stored_to_push": summary(&from_stored),
         "ack_to_push": summary(&from_ack),
         "pushed_before_ack": before_ack,
         "send_to_push": summary(&from_send),

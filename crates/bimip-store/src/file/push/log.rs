@@ -50,6 +50,9 @@ pub(crate) enum Msg {
 
 /// Messages taken per round.
 const MAX_BATCH: usize = 4096;
+/// Least time between the starts of two commits when changes keep coming (at most 500 fsyncs
+/// per second): see [`Writer::run`].
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A compaction under way.
 struct Running {
@@ -81,6 +84,8 @@ pub(crate) struct Writer {
     failures: u64,
     /// After a failed switch, no new one before the log is this long.
     retry_len: u64,
+    /// When the last round was committed.
+    last_commit: std::time::Instant,
 }
 
 fn copy_err(e: &StoreError) -> StoreError {
@@ -152,6 +157,7 @@ impl Writer {
             compactor: None,
             failures: 0,
             retry_len: 0,
+            last_commit: std::time::Instant::now(),
         }
     }
 
@@ -170,6 +176,13 @@ impl Writer {
                     }
                 },
             };
+            // Under load, let changes gather for a moment so one fsync covers more of them:
+            // the disk's flushes are shared with the queue files, and each one costs every
+            // writer waiting on it. An idle writer commits at once.
+            let since = self.last_commit.elapsed();
+            if since < COMMIT_INTERVAL && self.mode != FsyncMode::Never {
+                std::thread::sleep(COMMIT_INTERVAL - since);
+            }
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.front.pop_front() {
@@ -180,7 +193,9 @@ impl Writer {
                     },
                 }
             }
-            if let Flow::Stop = self.handle(batch) {
+            let flow = self.handle(batch);
+            self.last_commit = std::time::Instant::now();
+            if let Flow::Stop = flow {
                 return;
             }
             self.poll_compactor();
