@@ -39,8 +39,9 @@ struct State {
     jobs: HashMap<u64, Entry>,
     /// Coalesce key → id of the pending job holding it.
     by_key: HashMap<String, u64>,
-    /// (due_at, id) of every job not in flight.
-    due: BTreeSet<(i64, u64)>,
+    /// (due_at, id) of every job not in flight, push jobs and event jobs apart (see
+    /// [`Outbox::take_due`]).
+    due: [BTreeSet<(i64, u64)>; 2],
     /// Coalesce key → end of the collapse window of the push sent for it (unix ms).
     windows: HashMap<String, i64>,
     /// (window end, key), to forget ended windows.
@@ -112,7 +113,7 @@ impl Outbox {
             {
                 state.by_key.insert(p.coalesce_key.clone(), job.id);
             }
-            state.due.insert((job.due_at, job.id));
+            state.due[kind(&job)].insert((job.due_at, job.id));
             state.jobs.insert(
                 job.id,
                 Entry {
@@ -164,7 +165,7 @@ impl Outbox {
         let due = job.due_at;
         {
             let mut st = self.lock();
-            st.due.insert((due, id));
+            st.due[kind(&job)].insert((due, id));
             st.jobs.insert(
                 id,
                 Entry {
@@ -235,7 +236,7 @@ impl Outbox {
                 if !key.is_empty() {
                     st.by_key.insert(key, id);
                 }
-                st.due.insert((due_at, id));
+                st.due[PUSH].insert((due_at, id));
                 st.jobs.insert(
                     id,
                     Entry {
@@ -266,7 +267,6 @@ impl Outbox {
         events: usize,
     ) -> (Vec<OutboxJob>, Option<i64>) {
         let mut taken = Vec::new();
-        let (mut pushes, mut events) = (pushes, events);
         let mut st = self.lock();
         while let Some((end, _)) = st.window_ends.first()
             && *end <= now
@@ -277,38 +277,29 @@ impl Outbox {
                 st.windows.remove(&key);
             }
         }
-        let mut skipped = Vec::new();
-        let mut next = None;
-        while pushes + events > 0 {
-            let Some(&(due, id)) = st.due.first() else {
-                break;
-            };
-            if due > now {
-                next = Some(due);
-                break;
+        let mut next: Option<i64> = None;
+        for (k, budget) in [(PUSH, pushes), (EVENT, events)] {
+            for _ in 0..budget {
+                let Some(&(due, id)) = st.due[k].first() else {
+                    break;
+                };
+                if due > now {
+                    break;
+                }
+                st.due[k].remove(&(due, id));
+                if let Some(entry) = st.jobs.get_mut(&id) {
+                    entry.in_flight = true;
+                    taken.push(entry.job.clone());
+                }
             }
-            st.due.remove(&(due, id));
-            let Some(entry) = st.jobs.get_mut(&id) else {
-                continue;
-            };
-            let budget = match entry.job.job {
-                Some(Job::Event(_)) => &mut events,
-                _ => &mut pushes,
-            };
-            if *budget == 0 {
-                skipped.push((due, id));
-                continue;
+            // A kind with no free slot left wakes the dispatcher when a worker is done.
+            if budget > 0
+                && let Some(&(due, _)) = st.due[k].first()
+            {
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
-            *budget -= 1;
-            entry.in_flight = true;
-            taken.push(entry.job.clone());
         }
-        let earliest_skipped = skipped.first().map(|(d, _)| *d);
-        st.due.extend(skipped);
-        if next.is_none() {
-            next = st.due.first().map(|(d, _)| *d);
-        }
-        (taken, earliest_skipped.or(next))
+        (taken, next)
     }
 
     /// A worker finished with job `id`. Durable when it returns.
@@ -326,8 +317,8 @@ impl Outbox {
                     // Tried again at once for the message folded in meanwhile.
                     entry.job.version += 1;
                     changes.put.push(entry.job.clone());
-                    let due = entry.job.due_at;
-                    st.due.insert((due, id));
+                    let (due, k) = (entry.job.due_at, kind(&entry.job));
+                    st.due[k].insert((due, id));
                     true
                 }
                 Completion::Remove => {
@@ -337,10 +328,10 @@ impl Outbox {
                 Completion::Park { due_at } => {
                     // The stored due time stays: `remove_entry` and `take_due` look jobs up by
                     // the one in memory.
-                    let old = entry.job.due_at;
+                    let (old, k) = (entry.job.due_at, kind(&entry.job));
                     entry.job.due_at = due_at;
-                    st.due.remove(&(old, id));
-                    st.due.insert((due_at, id));
+                    st.due[k].remove(&(old, id));
+                    st.due[k].insert((due_at, id));
                     false
                 }
                 Completion::SentWindow { window_until } => {
@@ -366,7 +357,8 @@ impl Outbox {
                     entry.job.due_at = due_at;
                     entry.job.version += 1;
                     changes.put.push(entry.job.clone());
-                    st.due.insert((due_at, id));
+                    let k = kind(&entry.job);
+                    st.due[k].insert((due_at, id));
                     true
                 }
             }
@@ -386,9 +378,20 @@ impl Outbox {
     }
 }
 
+const PUSH: usize = 0;
+const EVENT: usize = 1;
+
+/// Which due set a job waits in.
+fn kind(job: &OutboxJob) -> usize {
+    match job.job {
+        Some(Job::Event(_)) => EVENT,
+        _ => PUSH,
+    }
+}
+
 fn remove_entry(st: &mut State, id: u64, changes: &mut Changes) {
     if let Some(e) = st.jobs.remove(&id) {
-        st.due.remove(&(e.job.due_at, id));
+        st.due[kind(&e.job)].remove(&(e.job.due_at, id));
         if let Some(Job::Push(p)) = &e.job.job
             && st.by_key.get(&p.coalesce_key) == Some(&id)
         {
@@ -521,7 +524,7 @@ mod tests {
         let (jobs, next) = o.take_due(5, 0, 1);
         assert_eq!(jobs.len(), 1);
         assert!(matches!(jobs[0].job, Some(Job::Event(_))));
-        assert_eq!(next, Some(0), "the pushes are still due");
+        assert_eq!(next, None, "no push slot: a finishing worker wakes the dispatcher");
         assert_eq!(o.take_due(5, 2, 0).0.len(), 2);
     }
 }

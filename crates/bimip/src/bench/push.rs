@@ -9,7 +9,8 @@
 //!   outbox holds `senders × users` due jobs at once; pushes per second as the fake received
 //!   them, from its first request to its last, and server CPU per push over the drain;
 //! - **latency** (grace 0): a sender streams chat messages at `--rate` per second for
-//!   `--duration` seconds, each to the next user. For each message, the time to the fake's
+//!   `--duration` seconds, each to the next user (after one unmeasured warm-up round over the
+//!   users, so their queue files exist). For each message, the time to the fake's
 //!   request is measured from the store's timestamp of the message (carried by its Ack; 1 ms
 //!   resolution: "stored → provider request"), from the Ack's arrival (the message and its push
 //!   job are durable by then, so the push may even come first) and from the send (which adds
@@ -383,6 +384,13 @@ async fn latency(
     fake.set_detailed_recording(true);
     fake.clear_requests();
     let s = Sender::connect(ctx, "push_sender", 0).await?;
+    // Warm-up, not measured: one message to every user at the same rate, so each user's queue
+    // files exist and are open (a first write creates folders and files).
+    let warm: Mutex<HashMap<String, (u64, Instant)>> = Mutex::default();
+    let (warmed, s) = send_paced(ctx, s, users, rate, users.len() as u64, &warm).await?;
+    fake.wait_for_count(warmed, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fake.clear_requests();
     let sent: Arc<Mutex<HashMap<String, (u64, Instant)>>> = Arc::default();
     let meter = Meter::start(ctx.pid);
     let total = (rate as f64 * duration).round() as u64;
@@ -459,7 +467,7 @@ async fn send_paced(
         }
         while seq < due {
             let to = &users[seq as usize % users.len()];
-            let id = format!("pl-{}-{seq}", ctx.nonce);
+            let id = format!("pl-{}-{}", ctx.nonce, rand::random::<u64>() >> 12);
             let now = Instant::now();
             let r = s.w.feed(Sender::message(to, id.clone())).await?;
             sent.lock()
