@@ -74,7 +74,8 @@ impl FcmConfig {
 /// The FCM provider. Cheap to share (`Arc<Fcm>`); all sends share its connections and token.
 pub struct Fcm {
     http: reqwest::Client,
-    send_url: String,
+    /// Parsed once: every push goes to it.
+    send_url: reqwest::Url,
     account: ServiceAccount,
     token: TokenCache,
 }
@@ -103,12 +104,16 @@ impl Fcm {
         } else {
             crate::http::client(http)?
         };
+        let send_url = format!(
+            "{endpoint}/v1/projects/{}/messages:send",
+            account.project_id
+        );
+        let send_url = reqwest::Url::parse(&send_url).map_err(|e| {
+            SetupError::Invalid(format!("FCM endpoint {endpoint:?} is not a valid URL: {e}"))
+        })?;
         Ok(Fcm {
             http: client,
-            send_url: format!(
-                "{endpoint}/v1/projects/{}/messages:send",
-                account.project_id
-            ),
+            send_url,
             account,
             token: TokenCache::default(),
         })
@@ -120,8 +125,9 @@ impl Fcm {
     }
 
     async fn send_one(&self, msg: &PushMessage) -> Outcome {
+        // Shared, not copied, when the request is sent again after a token refresh.
         let body = match request_body(msg, crate::unix_now()) {
-            Ok(body) => body,
+            Ok(body) => bytes::Bytes::from(body),
             Err(outcome) => return outcome,
         };
         let token = match self.access_token(None).await {
@@ -146,10 +152,10 @@ impl Fcm {
         }
     }
 
-    async fn post(&self, token: &str, body: Vec<u8>, msg: &PushMessage) -> Reply {
+    async fn post(&self, token: &str, body: bytes::Bytes, msg: &PushMessage) -> Reply {
         let sent = self
             .http
-            .post(&self.send_url)
+            .post(self.send_url.clone())
             .bearer_auth(token)
             .header(header::CONTENT_TYPE, "application/json")
             .body(body)

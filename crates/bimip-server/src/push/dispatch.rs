@@ -79,7 +79,7 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
                         // (a durable write) does not need it.
                         drop(permit);
                         outbox.wake.notify_one();
-                        if let Err(e) = outbox.complete(id, how).await {
+                        if let Err(e) = Box::pin(outbox.complete(id, how)).await {
                             tracing::warn!(job = id, error = %e, "recording a push attempt");
                         }
                     });
@@ -91,7 +91,7 @@ async fn dispatch(outbox: Arc<Outbox>, push: Arc<Push>, events: Arc<Events>, tas
                         let how = Box::pin(events.attempt(&job)).await;
                         drop(permit);
                         outbox.wake.notify_one();
-                        if let Err(e) = outbox.complete(id, how).await {
+                        if let Err(e) = Box::pin(outbox.complete(id, how)).await {
                             tracing::warn!(job = id, error = %e, "recording a webhook attempt");
                         }
                     });

@@ -141,6 +141,8 @@ impl Outbox {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Makes `changes` durable. Callers box this future: it holds the store's futures, and an
+    /// unboxed one would be copied with every task that awaits it.
     async fn persist(&self, changes: Changes) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -176,10 +178,10 @@ impl Outbox {
             );
         }
         self.wake.notify_one();
-        self.persist(Changes {
+        Box::pin(self.persist(Changes {
             put: vec![job],
             remove: vec![],
-        })
+        }))
         .await?;
         Ok(id)
     }
@@ -252,7 +254,7 @@ impl Outbox {
         if outcome == Coalesced::Created {
             self.wake.notify_one();
         }
-        self.persist(changes).await?;
+        Box::pin(self.persist(changes)).await?;
         Ok(outcome)
     }
 
@@ -366,7 +368,7 @@ impl Outbox {
         if wake {
             self.wake.notify_one();
         }
-        self.persist(changes).await
+        Box::pin(self.persist(changes)).await
     }
 
     /// Jobs waiting (pending or in flight) and the creation time of the oldest (unix ms), for
@@ -524,7 +526,10 @@ mod tests {
         let (jobs, next) = o.take_due(5, 0, 1);
         assert_eq!(jobs.len(), 1);
         assert!(matches!(jobs[0].job, Some(Job::Event(_))));
-        assert_eq!(next, None, "no push slot: a finishing worker wakes the dispatcher");
+        assert_eq!(
+            next, None,
+            "no push slot: a finishing worker wakes the dispatcher"
+        );
         assert_eq!(o.take_due(5, 2, 0).0.len(), 2);
     }
 }

@@ -43,8 +43,9 @@ pub struct PushArgs {
     /// Throughput phase: senders, each sending one message to every user (one job each).
     #[arg(long, default_value_t = 3)]
     senders: usize,
-    /// Throughput phase: how long the provider stays paused while the outbox fills.
-    #[arg(long, default_value_t = 20_000)]
+    /// Throughput phase: how long the provider stays paused while the outbox fills (must be
+    /// longer than the fill).
+    #[arg(long, default_value_t = 30_000)]
     fill_pause_ms: u64,
     /// Latency phase: chat messages (one push each) per second.
     #[arg(long, default_value_t = 1000)]
