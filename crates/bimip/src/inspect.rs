@@ -227,13 +227,67 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
     }
 
-    for (path, line, reason) in &files.problems {
+    let push = bimip_store::inspect_push_user(Path::new(&args.data_dir), &args.user)
+        .with_context(|| format!("reading the push files in {}", args.data_dir.display()))?;
+    if args.json {
+        for d in &push.devices {
+            // Device tokens are masked here as everywhere the server shows them.
+            let mut d = d.clone();
+            d.token = bimip_push::mask_token(&d.token);
+            println!("{}", serde_json::json!({"file": "push", "device": d}));
+        }
+        for m in &push.mutes {
+            println!("{}", serde_json::json!({"file": "push", "mute": m}));
+        }
+    } else {
+        print_push(&push);
+    }
+
+    let problems: Vec<_> = files.problems.iter().chain(&push.problems).collect();
+    for (path, line, reason) in &problems {
         eprintln!("{}:{line}: {reason}", path.display());
     }
-    if !files.problems.is_empty() {
-        bail!("{} undecodable line(s)", files.problems.len());
+    if !problems.is_empty() {
+        bail!("{} undecodable line(s)", problems.len());
     }
     Ok(())
+}
+
+/// The user's push devices and mutes, from `<data_dir>/push/`.
+fn print_push(push: &bimip_store::PushUserFiles) {
+    println!();
+    println!("push devices ({}):", push.devices.len());
+    for d in &push.devices {
+        let platform = v1::Platform::try_from(d.platform)
+            .map(|p| {
+                p.as_str_name()
+                    .trim_start_matches("PLATFORM_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_else(|_| format!("platform({})", d.platform));
+        let last = if d.last_push_at > 0 {
+            format_ts_ms(d.last_push_at)
+        } else {
+            "never".into()
+        };
+        println!(
+            "  device={} {platform}{} token={} registered={} last_push={last}",
+            d.device,
+            if d.sandbox { " sandbox" } else { "" },
+            bimip_push::mask_token(&d.token),
+            format_ts_ms(d.registered_at),
+        );
+    }
+    println!("mutes ({}):", push.mutes.len());
+    for m in &push.mutes {
+        println!("  {} since {}", m.other, format_ts_ms(m.since));
+    }
+    if !push.muted_by.is_empty() {
+        println!("muted by ({}):", push.muted_by.len());
+        for m in &push.muted_by {
+            println!("  {} since {}", m.user, format_ts_ms(m.since));
+        }
+    }
 }
 
 #[cfg(test)]
