@@ -218,7 +218,7 @@ export class BimipClient {
       this.setState({ state: "connecting", attempt: 0 });
       void this.open();
     }
-    return p;
+    return handled(p);
   }
 
   /** Ends the session: no more reconnects. Unacknowledged messages stay in the outbox store. */
@@ -366,12 +366,12 @@ export class BimipClient {
       });
       return out;
     };
-    return new Promise<void>((resolve, reject) => {
+    return handled(new Promise<void>((resolve, reject) => {
       // A newer intent replaces one still waiting for a connection; its callers wait for the newer one.
       const waiters = [...(this.intentOp?.waiters ?? []), { resolve, reject }];
       this.intentOp = { frames, waiters };
       if (this.isConnected()) this.sendIntent();
-    });
+    }));
   }
 
   /** Tells `peer` this user is typing (or recording). Throttled; dropped while offline. Returns whether a frame went out. */
@@ -401,21 +401,23 @@ export class BimipClient {
   watch(users: string[]): Promise<void> {
     const fresh = users.filter((u) => !this.watched.has(u));
     for (const u of users) this.watched.add(u);
-    return new Promise<void>((resolve, reject) => {
-      if (this.isConnected()) {
-        if (fresh.length === 0) return resolve();
-        this.subscribe(fresh, false, [{ resolve, reject }]);
-      } else {
-        this.watchWaiters.push({ resolve, reject });
-      }
-    });
+    return handled(
+      new Promise<void>((resolve, reject) => {
+        if (this.isConnected()) {
+          if (fresh.length === 0) return resolve();
+          this.subscribe(fresh, false, [{ resolve, reject }]);
+        } else {
+          this.watchWaiters.push({ resolve, reject });
+        }
+      }),
+    );
   }
 
   /** Stops watching `users` (no more snapshots after reconnects; under the `open` policy no more live changes). */
   unwatch(users: string[]): Promise<void> {
     const gone = users.filter((u) => this.watched.delete(u));
     if (gone.length === 0 || !this.isConnected()) return Promise.resolve();
-    return new Promise<void>((resolve, reject) => this.subscribe(gone, true, [{ resolve, reject }]));
+    return handled(new Promise<void>((resolve, reject) => this.subscribe(gone, true, [{ resolve, reject }])));
   }
 
   /** Registers (or with `remove`, removes) this device's push token. Resolves on the Ack. */
@@ -426,7 +428,7 @@ export class BimipClient {
   ): Promise<void> {
     const p = PLATFORMS[platform];
     if (p === undefined && !o.remove) return Promise.reject(new TypeError(`bimip-client: unknown push platform ${String(platform)}`));
-    return new Promise<void>((resolve, reject) => {
+    return handled(new Promise<void>((resolve, reject) => {
       const op: Op = {
         frames: () => [
           {
@@ -438,7 +440,7 @@ export class BimipClient {
       };
       this.pushOps.push(op);
       if (this.isConnected()) this.sendOp(op, () => this.pushOps.splice(this.pushOps.indexOf(op) >>> 0, 1));
-    });
+    }));
   }
 
   /** Skips the wait of a pending reconnect (a "retry now" button). */
@@ -1231,6 +1233,15 @@ function detach(ws: WebSocketLike): void {
   ws.onmessage = noop;
   ws.onclose = noop;
   ws.onerror = noop; // never null: `ws` throws on an unhandled error event
+}
+
+/**
+ * Marks a promise as handled so an app that ignores it never gets an unhandled rejection (the same
+ * failure is also an `error` event or a state change); callers that await it still see the rejection.
+ */
+function handled<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
 }
 
 function errMessage(e: unknown): string {
