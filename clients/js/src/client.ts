@@ -45,8 +45,6 @@ import type {
 } from "./types.js";
 
 const OPEN = 1;
-/** Ask for a new token this long before the current one expires (ms). */
-const REFRESH_BEFORE_MS = 60_000;
 /** How many inbound (peer, offset) keys are remembered for dedupe. */
 const SEEN_LIMIT = 5_000;
 /** How many acknowledged outgoing messages are kept to apply receipts to. */
@@ -492,7 +490,7 @@ export class BimipClient {
     };
     const expiring = (t: string) => {
       const exp = tokenExpiry(t);
-      return exp !== undefined && exp - Date.now() < REFRESH_BEFORE_MS;
+      return exp !== undefined && exp - Date.now() < (this.opts.refreshTokenBeforeMs ?? 60_000);
     };
     const forced = this.forceRefresh;
     this.forceRefresh = undefined;
@@ -758,7 +756,7 @@ export class BimipClient {
     if (!this.tokens || !this.token) return;
     const exp = tokenExpiry(this.token);
     if (exp === undefined) return;
-    const at = Math.max(0, exp - REFRESH_BEFORE_MS - Date.now());
+    const at = Math.max(0, exp - (this.opts.refreshTokenBeforeMs ?? 60_000) - Date.now());
     const current = this.token;
     this.setTimer("token", Math.min(at, 2 ** 31 - 1), () => {
       if (this.token !== current || this._state === "closed") return;

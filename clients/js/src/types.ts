@@ -59,6 +59,8 @@ export interface ClientOptions {
    * temporary failure (the client retries with backoff).
    */
   getToken?: (ctx: { reason: TokenReason }) => Promise<string | null>;
+  /** Ask `getToken` for a new token this long before the current one's `exp` (ms). Default 60000. */
+  refreshTokenBeforeMs?: number;
   /** Device id (keep one per installation). Default: the id the server gives in `Welcome`, reused on reconnects. */
   device?: string;
   /** Default `"binary"`. */
