@@ -17,7 +17,10 @@ export interface ContactInfo {
 }
 
 export interface StoredMessage {
+  /** Offset in this user's queue. */
   offset: bigint;
+  /** Own sent copies: the offset in the recipient's queue (what receipts refer to). */
+  peerOffset?: bigint;
   id: string;
   from: string;
   to: string;
@@ -99,6 +102,7 @@ export class Api {
     const r = await call<any>("GET", `/v1/users/${u(this.user)}/messages?${q}`, this.token());
     const list: StoredMessage[] = (r?.messages ?? []).map((m: any) => ({
       offset: BigInt(m.offset),
+      peerOffset: m.peer_offset ? BigInt(m.peer_offset) : undefined,
       id: String(m.id),
       from: String(m.from),
       to: String(m.to),

@@ -309,8 +309,8 @@ export class Session {
       to: m.to,
       text: m.text,
       timestamp: m.timestamp,
-      // our own copies carry offsets in our queue, not the peer's: receipts cannot use them
-      offset: m.from === this.me ? undefined : m.offset,
+      // receipts for our own messages refer to offsets in the peer's queue
+      offset: m.from === this.me ? m.peerOffset : m.offset,
       status: m.from === this.me ? ("acked" as Tick) : undefined,
     }));
   }
