@@ -110,11 +110,13 @@ pub struct AckOutcome {
 
 /// Read items of one partition in offset order.
 ///
-/// Chat with `peer`: items from `peer` (to this user). Without `start`, reading begins at the
-/// device's cursor for `(chat, peer)` (the furthest of its DELIVERED and READ cursors); a device
-/// with no cursor yet starts where the user's furthest device is. Reading never changes cursors, so
-/// repeating it returns the same items.
-#[derive(Debug, Clone, PartialEq)]
+/// Chat with `peer`: items from `peer` (to this user); with `with_sent`, also the user's own
+/// copies of what it sent to `peer` (the whole conversation). Without `peer`: every item of the
+/// partition. Without `start`, reading begins at the device's cursor for `(chat, peer)` (the
+/// furthest of its DELIVERED and READ cursors); a device with no cursor yet starts where the
+/// user's furthest device is. Reading never changes cursors, so repeating it returns the same
+/// items.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ReadRequest {
     pub device: String,
     pub partition: Partition,
@@ -122,6 +124,11 @@ pub struct ReadRequest {
     pub start: Option<u64>,
     /// Most items in one page; 0 means no limit.
     pub limit: usize,
+    /// Chat with a `peer` other than the user: also the user's copies of what it sent to `peer`.
+    pub with_sent: bool,
+    /// Newest first: `start` is the newest offset included (None = from the newest item; the
+    /// cursor is not used) and items come in descending offset order.
+    pub newest_first: bool,
 }
 
 /// One page of a read.
@@ -130,7 +137,8 @@ pub struct ReadBatch {
     pub items: Vec<Item>,
     /// More matching items exist after this page.
     pub more: bool,
-    /// Where the next page starts (last returned offset + 1, or the start when empty).
+    /// Where the next page starts: the last returned offset + 1 (or the start when empty); newest
+    /// first, the last returned offset - 1 (0 when empty).
     pub next_offset: u64,
 }
 

@@ -4,15 +4,14 @@
 use crate::{
     conn::{Conn, End},
     error::Refused,
+    history::{self, Page},
 };
 use bimip_proto::{
     Body,
     v1::{self, Frame, Partition},
 };
-use bimip_store::{QueueStore, ReadRequest};
 
 const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 1000;
 
 pub(super) async fn resume(c: &mut Conn, r: u64, a: v1::Awareness) -> Result<(), End> {
     if let Err(e) = bimip_proto::validate_user_id(&a.to) {
@@ -26,22 +25,21 @@ pub(super) async fn resume(c: &mut Conn, r: u64, a: v1::Awareness) -> Result<(),
     // Answers to earlier requests (sends, receipts) go first: a RESUME after a receipt must see
     // the receipt applied.
     c.drain_inflight().await?;
-    let limit = match a.limit {
-        0 => DEFAULT_LIMIT,
-        l => l.min(MAX_LIMIT),
-    } as usize;
     let mut start = (a.from_offset > 0).then_some(a.from_offset);
     loop {
-        let req = ReadRequest {
+        let page = Page {
             device: c.id.device.to_string(),
             partition: Partition::Chat,
             peer: Some(a.to.clone()),
+            with_sent: false,
             start,
-            limit,
+            limit: a.limit,
+            default_limit: DEFAULT_LIMIT,
+            newest_first: false,
         };
-        let page = match c.state.store.read(&c.id.user, req).await {
+        let page = match history::read_page(&c.state, &c.id.user, page).await {
             Ok(p) => p,
-            Err(e) => return c.refuse(r, Refused::from(e)).await,
+            Err(e) => return c.refuse(r, e).await,
         };
         let more = page.more;
         let frame = Frame::with(

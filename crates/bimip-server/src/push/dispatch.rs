@@ -261,6 +261,7 @@ impl Push {
             peer: Some(p.from.clone()),
             start: Some(p.offset),
             limit: 1,
+            ..Default::default()
         };
         let page = self.store.read(&p.user, req).await.ok()?;
         let item = page.items.into_iter().find(|i| i.offset == p.offset)?;

@@ -74,6 +74,7 @@ async fn read_all(s: &FileStore, user: &str, peer: &str) -> ReadBatch {
             peer: Some(peer.into()),
             start: Some(1),
             limit: 0,
+            ..Default::default()
         },
     )
     .await
@@ -518,6 +519,7 @@ async fn read_sink(s: &FileStore) -> Vec<u64> {
             peer: Some(format!("s{i}")),
             start: Some(1),
             limit: 0,
+            ..Default::default()
         };
         let batch = s.read("sink", req).await.unwrap();
         kept.extend(batch.items.iter().map(|i| i.offset));

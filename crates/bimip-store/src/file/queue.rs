@@ -67,6 +67,9 @@ pub(crate) struct UserQueue {
     /// Items in offset order.
     items: Vec<Meta>,
     by_key: HashMap<(Partition, Arc<str>), KeyList>,
+    /// The user's own copies of chat messages it sent, by recipient, in offset order (so a
+    /// conversation reads both directions without scanning the queue).
+    sent: HashMap<Arc<str>, Vec<u64>>,
     /// Hash of (from, message id) → offset, for dedupe (a hit is confirmed against the item).
     ids: HashMap<u64, u64>,
     /// Sender names, shared by the items that carry them.
@@ -151,6 +154,50 @@ fn item_from_line(meta: &Meta, line: &[u8]) -> Result<Item, String> {
     })
 }
 
+/// Up to `limit` offsets of the sorted `lists`, merged: from `start` on in ascending order, or
+/// (`newest_first`) from `start` down in descending order. Also whether more remain.
+fn merged_page(lists: &[&[u64]], start: u64, limit: usize, newest_first: bool) -> (Vec<u64>, bool) {
+    let mut out = Vec::new();
+    if newest_first {
+        // Exclusive ends: the next offset of list i is lists[i][ends[i] - 1].
+        let mut ends: Vec<usize> = lists
+            .iter()
+            .map(|l| l.partition_point(|&o| o <= start))
+            .collect();
+        loop {
+            let next = (0..lists.len())
+                .filter(|&i| ends[i] > 0)
+                .max_by_key(|&i| lists[i][ends[i] - 1]);
+            let Some(i) = next else {
+                return (out, false);
+            };
+            if out.len() == limit {
+                return (out, true);
+            }
+            ends[i] -= 1;
+            out.push(lists[i][ends[i]]);
+        }
+    } else {
+        let mut at: Vec<usize> = lists
+            .iter()
+            .map(|l| l.partition_point(|&o| o < start))
+            .collect();
+        loop {
+            let next = (0..lists.len())
+                .filter(|&i| at[i] < lists[i].len())
+                .min_by_key(|&i| lists[i][at[i]]);
+            let Some(i) = next else {
+                return (out, false);
+            };
+            if out.len() == limit {
+                return (out, true);
+            }
+            out.push(lists[i][at[i]]);
+            at[i] += 1;
+        }
+    }
+}
+
 /// Spans of lines read with one `pread` while the gaps between them stay this small.
 const MAX_SPAN_GAP: u64 = 16 * 1024;
 
@@ -161,6 +208,7 @@ impl UserQueue {
             next_offset: 1,
             items: Vec::new(),
             by_key: HashMap::new(),
+            sent: HashMap::new(),
             ids: HashMap::new(),
             names: HashSet::new(),
             cursors: HashMap::new(),
@@ -225,13 +273,18 @@ impl UserQueue {
             return;
         }
         self.next_offset = rec.offset.saturating_add(1);
+        let partition = partition_of(rec.partition);
+        if partition == Partition::Chat && rec.from == self.user && !rec.to.is_empty() {
+            let to = self.intern(&rec.to);
+            self.sent.entry(to).or_default().push(rec.offset);
+        }
         let meta = Meta {
             offset: rec.offset,
             peer_offset: rec.peer_offset,
             timestamp: rec.timestamp,
             pos,
             len,
-            partition: partition_of(rec.partition),
+            partition,
             acknowledged: rec.acknowledged,
             from: self.intern(&rec.from),
             message_id: rec.message_id.into_boxed_str(),
@@ -580,10 +633,12 @@ impl UserQueue {
             return Err(StoreError::Invalid("read: partition is unspecified".into()));
         }
         let from = req.peer.as_deref().unwrap_or("");
-        let start = req
-            .start
-            .unwrap_or_else(|| self.read_cursor(&req.device, req.partition, from))
-            .max(1);
+        let start = match (req.start, req.newest_first) {
+            (Some(s), _) => s,
+            (None, false) => self.read_cursor(&req.device, req.partition, from),
+            (None, true) => u64::MAX,
+        };
+        let start = start.max(1);
         let limit = if req.limit == 0 {
             usize::MAX
         } else {
@@ -592,29 +647,48 @@ impl UserQueue {
         let mut metas: Vec<&Meta> = Vec::new();
         let mut more = false;
         if from.is_empty() {
-            let i = self.items.partition_point(|it| it.offset < start);
-            for it in self.items[i..]
-                .iter()
-                .filter(|it| it.partition == req.partition)
-            {
+            let scan: Box<dyn Iterator<Item = &Meta>> = if req.newest_first {
+                let end = self.items.partition_point(|it| it.offset <= start);
+                Box::new(self.items[..end].iter().rev())
+            } else {
+                let i = self.items.partition_point(|it| it.offset < start);
+                Box::new(self.items[i..].iter())
+            };
+            for it in scan.filter(|it| it.partition == req.partition) {
                 if metas.len() == limit {
                     more = true;
                     break;
                 }
                 metas.push(it);
             }
-        } else if let Some(list) = self.by_key.get(&(req.partition, Arc::from(from))) {
-            let i = list.offsets.partition_point(|&o| o < start);
-            let rest = &list.offsets[i..];
-            more = rest.len() > limit;
-            metas = rest
-                .iter()
-                .take(limit)
-                .filter_map(|&o| self.item(o))
-                .collect();
+        } else {
+            let mut lists: Vec<&[u64]> = Vec::with_capacity(2);
+            if let Some(list) = self.by_key.get(&(req.partition, Arc::from(from))) {
+                lists.push(&list.offsets);
+            }
+            // The user's own key already holds every copy it sent: no second list for itself.
+            if req.with_sent
+                && req.partition == Partition::Chat
+                && from != self.user
+                && let Some(sent) = self.sent.get(from)
+            {
+                lists.push(sent);
+            }
+            let (offsets, m) = merged_page(&lists, start, limit, req.newest_first);
+            more = m;
+            metas = offsets.iter().filter_map(|&o| self.item(o)).collect();
         }
-        let items = self.fetch(&metas, read_at)?;
-        let next_offset = items.last().map_or(start, |i| i.offset + 1);
+        // Lines are read in file order; a newest-first page is turned around afterwards.
+        if req.newest_first {
+            metas.reverse();
+        }
+        let mut items = self.fetch(&metas, read_at)?;
+        let next_offset = if req.newest_first {
+            items.reverse();
+            items.last().map_or(0, |i| i.offset - 1)
+        } else {
+            items.last().map_or(start, |i| i.offset + 1)
+        };
         Ok(ReadBatch {
             items,
             more,

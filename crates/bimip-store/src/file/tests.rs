@@ -73,6 +73,7 @@ fn read_chat(device: &str, peer: &str) -> ReadRequest {
         peer: Some(peer.into()),
         start: None,
         limit: 100,
+        ..Default::default()
     }
 }
 
@@ -582,6 +583,7 @@ async fn group_commit_shares_fsyncs() {
                 peer: Some("x".into()),
                 start: None,
                 limit: 0,
+                ..Default::default()
             },
         )
         .await
@@ -836,6 +838,7 @@ mod model {
                                 peer: Some(SENDERS[from].into()),
                                 start: Some(1),
                                 limit: 0,
+                                ..Default::default()
                             }).await.unwrap();
                             let got: Vec<(u64, String)> = own.items.iter().map(|i| (i.peer_offset, i.message_id.clone())).collect();
                             assert_eq!(&got, m.copies.get(&from).unwrap_or(&Vec::new()));
@@ -946,6 +949,7 @@ async fn append_with_copy_same_and_other_shard() {
                 peer: Some(users[0].clone()),
                 start: Some(1),
                 limit: 0,
+                ..Default::default()
             },
         )
         .await
@@ -1087,4 +1091,95 @@ async fn unread_counts_past_the_furthest_cursor_of_any_device() {
     assert_eq!(u.senders[0].from, "carol");
     assert_eq!(u.senders[0].first_offset, 8);
     store.shutdown().await;
+}
+
+/// A conversation read: messages from the peer merged with the user's own copies of what it sent
+/// to the peer (not to others), in either order and in pages, the same after a restart (the
+/// index of own copies is rebuilt from the file).
+#[tokio::test]
+async fn conversation_reads_both_directions_in_either_order() {
+    let dir = TempDir::new().unwrap();
+    let s = open(dir.path());
+    // alice's queue: b1 (from bob), a1 (own copy to bob), c1 (from carol), a2 (own copy to
+    // carol), b2, a3 (own copy to bob)
+    append(&s, "alice", chat("bob", "alice", "b1")).await;
+    append(&s, "alice", chat("alice", "bob", "a1")).await;
+    append(&s, "alice", chat("carol", "alice", "c1")).await;
+    append(&s, "alice", chat("alice", "carol", "a2")).await;
+    append(&s, "alice", chat("bob", "alice", "b2")).await;
+    append(&s, "alice", chat("alice", "bob", "a3")).await;
+    check_conversation(&s).await;
+    s.shutdown().await;
+    let s = open(dir.path());
+    check_conversation(&s).await;
+    s.shutdown().await;
+}
+
+async fn check_conversation(s: &FileStore) {
+    let conv = |start: Option<u64>, limit: usize, newest_first: bool| ReadRequest {
+        start,
+        limit,
+        with_sent: true,
+        newest_first,
+        ..read_chat("d", "bob")
+    };
+    let ids =
+        |r: &ReadBatch| -> Vec<String> { r.items.iter().map(|i| i.message_id.clone()).collect() };
+    let all = s.read("alice", conv(Some(1), 0, false)).await.unwrap();
+    assert_eq!(ids(&all), ["b1", "a1", "b2", "a3"]);
+    assert!(!all.more);
+    // Oldest first in pages of 3: the second page starts after the last item.
+    let p1 = s.read("alice", conv(Some(1), 3, false)).await.unwrap();
+    assert_eq!(
+        (ids(&p1), p1.more),
+        (vec!["b1".into(), "a1".into(), "b2".into()], true)
+    );
+    let p2 = s
+        .read("alice", conv(Some(p1.next_offset), 3, false))
+        .await
+        .unwrap();
+    assert_eq!((ids(&p2), p2.more), (vec!["a3".to_string()], false));
+    // Newest first from the end, then from next_offset down.
+    let n1 = s.read("alice", conv(None, 3, true)).await.unwrap();
+    assert_eq!(
+        (ids(&n1), n1.more),
+        (vec!["a3".into(), "b2".into(), "a1".into()], true)
+    );
+    let n2 = s
+        .read("alice", conv(Some(n1.next_offset), 3, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        (ids(&n2), n2.more, n2.next_offset),
+        (vec!["b1".to_string()], false, 0)
+    );
+    // Without with_sent, only the peer's messages (what RESUME reads).
+    let resume = s
+        .read(
+            "alice",
+            ReadRequest {
+                start: Some(1),
+                ..read_chat("d", "bob")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&resume), ["b1", "b2"]);
+    // Newest first over the whole partition, without a peer.
+    let every = s
+        .read(
+            "alice",
+            ReadRequest {
+                peer: None,
+                newest_first: true,
+                limit: 2,
+                ..read_chat("d", "bob")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (ids(&every), every.more),
+        (vec!["a3".into(), "b2".into()], true)
+    );
 }
