@@ -138,8 +138,22 @@ impl Verifier {
         })
     }
 
-    /// Checks a token and returns the identity it carries.
+    /// Checks a token and returns the identity it carries. [`AuthError::Expired`] means the
+    /// token is otherwise valid (signature, issuer, audience, claims): only its `exp` (plus the
+    /// leeway) has passed, so the client should get a fresh token rather than give up.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        match self.verify_with(token, true) {
+            // The library checks `exp` before `iss` and `aud`: check the rest before saying
+            // "expired", so a forged or foreign token is never told to refresh.
+            Err(AuthError::Expired) => match self.verify_with(token, false) {
+                Ok(_) => Err(AuthError::Expired),
+                Err(e) => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    fn verify_with(&self, token: &str, check_exp: bool) -> Result<Identity, AuthError> {
         let header = decode_header(token).map_err(map_err)?;
         let key = match header.kid.as_deref() {
             Some(kid) if self.keys.len() > 1 || self.keys[0].kid.is_some() => self
@@ -164,6 +178,7 @@ impl Verifier {
         }
         v.set_required_spec_claims(&required);
         v.leeway = self.leeway;
+        v.validate_exp = check_exp;
         match &self.issuer {
             Some(iss) => v.set_issuer(&[iss]),
             None => v.iss = None,
@@ -298,6 +313,31 @@ mod tests {
         assert!(matches!(
             v.verify(&hs384),
             Err(AuthError::WrongAlgorithm(_))
+        ));
+    }
+
+    #[test]
+    fn expired_means_otherwise_valid() {
+        let v = Verifier::from_config(&JwtConfig {
+            secret: Some(SECRET.into()),
+            issuer: Some("auth".into()),
+            leeway_secs: 0,
+            ..Default::default()
+        })
+        .expect("config");
+        let old = bimip_proto::now_ms() / 1000 - 60;
+        assert!(matches!(
+            v.verify(&hs(json!({"sub": "a", "exp": old, "iss": "auth"}))),
+            Err(AuthError::Expired)
+        ));
+        // Expired and from another issuer: the issuer is what is wrong.
+        assert!(matches!(
+            v.verify(&hs(json!({"sub": "a", "exp": old, "iss": "evil"}))),
+            Err(AuthError::BadIssuer)
+        ));
+        assert!(matches!(
+            v.verify(&hs(json!({"sub": "../x", "exp": old, "iss": "auth"}))),
+            Err(AuthError::BadSubject(_))
         ));
     }
 

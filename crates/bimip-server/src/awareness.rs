@@ -441,11 +441,7 @@ pub async fn subscribe(
     for target in &s.users {
         let profile = state.store.profile(target).await?;
         let blocked = profile.blocks.contains(&**user);
-        let allowed = match state.config.presence.policy {
-            PresencePolicy::Contacts => profile.may_see(user) || blocked,
-            PresencePolicy::Open => true,
-        };
-        if !allowed {
+        if !may_ask(state, &profile, user) {
             refused.push(target.clone());
             continue;
         }
@@ -466,6 +462,29 @@ pub async fn subscribe(
         )
     });
     Ok((snapshots, refusal))
+}
+
+/// Whether `viewer` may ask for the awareness of the user whose profile this is: a watcher
+/// (contacts policy) or anyone (open policy). A user it blocks may ask too, and sees OFFLINE.
+fn may_ask(state: &Shared, profile: &Profile, viewer: &str) -> bool {
+    match state.config.presence.policy {
+        PresencePolicy::Contacts => profile.may_see(viewer) || profile.blocks.contains(viewer),
+        PresencePolicy::Open => true,
+    }
+}
+
+/// What `viewer` would get from a `Subscribe` for `target` (None: refused, not allowed to see).
+pub async fn seen_by(
+    state: &Shared,
+    viewer: &str,
+    target: &str,
+) -> Result<Option<v1::Awareness>, Refused> {
+    let profile = state.store.profile(target).await?;
+    if !may_ask(state, &profile, viewer) {
+        return Ok(None);
+    }
+    let (a, _) = view(state, Some(viewer), target, false).await?;
+    Ok(Some(a))
 }
 
 /// Removes every subscription of a closing connection.

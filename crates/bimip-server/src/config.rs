@@ -44,6 +44,19 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Repair mid-file store corruption at start-up instead of refusing to start.
     pub repair: bool,
+    /// Serve the web demo at `/` and `/assets/*`. Unset: on in development mode only.
+    pub web: Option<bool>,
+    /// Development mode (`bimip serve --dev`, never from a file): adds `POST /dev/token`, which
+    /// mints tokens for loopback callers, and turns the web demo on unless `web = false`.
+    #[serde(skip)]
+    pub dev: bool,
+}
+
+impl Config {
+    /// Whether the web demo is served.
+    pub fn web_enabled(&self) -> bool {
+        self.web.unwrap_or(self.dev)
+    }
 }
 
 /// How tokens are verified. Exactly one key source must be set (SPEC §7).
@@ -60,7 +73,7 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
-    /// Clock skew tolerated on `exp` (seconds). A connection is closed (1008 "token expired")
+    /// Clock skew tolerated on `exp` (seconds). A connection is closed (4001 "token expired")
     /// once `exp` + leeway has passed.
     pub leeway_secs: u64,
 }
@@ -245,6 +258,8 @@ impl Default for Config {
             push: PushSettings::default(),
             webhooks: WebhookSettings::default(),
             repair: false,
+            web: None,
+            dev: false,
         }
     }
 }

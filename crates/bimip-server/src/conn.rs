@@ -7,7 +7,7 @@ use crate::{
     error::{Refused, error_label},
     fanout, handlers,
     limits::TokenBucket,
-    sessions::{ConnHandle, ConnSignal, Disconnect, Outbound},
+    sessions::{ConnHandle, ConnSignal, Disconnect, Outbound, close},
     state::Shared,
 };
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -27,7 +27,7 @@ pub struct ConnIdent {
     pub device: Arc<str>,
     pub codec: Codec,
     pub session: String,
-    /// Token expiry (unix seconds): the connection is closed with 1008 once it (plus the
+    /// Token expiry (unix seconds): the connection is closed with 4001 once it (plus the
     /// configured leeway) has passed.
     pub exp: i64,
     /// Token issue time (unix seconds), checked again against revocations after registering.
@@ -202,7 +202,8 @@ impl Conn {
         // A revoke between the upgrade check and the registration above found nothing to close.
         if !self.state.revocations.allows(&self.id.user, self.id.iat) {
             self.state.metrics.disconnect("revoked");
-            return Err(End::Close(1008, "revoked"));
+            let why = Disconnect::Revoked;
+            return Err(End::Close(why.code(), why.reason()));
         }
         if self.write_now(&welcome).await.is_err() {
             return Err(End::Gone);
@@ -337,7 +338,7 @@ impl Conn {
                     if self.expires.is_some_and(|exp| now >= exp) {
                         tracing::debug!(user = %self.id.user, "token expired");
                         self.state.metrics.disconnect("token_expired");
-                        return End::Close(1008, "token expired");
+                        return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
                     if now >= self.last_rx + 2 * heartbeat {
                         tracing::debug!(user = %self.id.user, "heartbeat timeout");

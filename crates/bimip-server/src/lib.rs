@@ -11,6 +11,7 @@ pub mod error;
 pub mod fanout;
 pub mod gateway;
 mod handlers;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub mod state;
 pub mod subscriptions;
 pub mod tasks;
 pub mod tls;
+pub mod web;
 pub mod webhooks;
 
 pub use config::Config;
@@ -155,6 +157,8 @@ pub async fn run(
                     tracing::debug!(error = %e, "setting SO_SNDBUF");
                 }
             });
+            // The peer address is needed by `POST /dev/token` (loopback callers only).
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let serve = axum::serve(listener, app).with_graceful_shutdown(stop);
             tokio::select! {
                 r = serve => r?,
@@ -175,7 +179,7 @@ pub async fn run(
                 axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
             )?
             .handle(handle)
-            .serve(app.into_make_service())
+            .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .await?;
         }
     }

@@ -63,10 +63,22 @@ pub enum Disconnect {
     Shutdown,
     /// The outbound buffer filled up: the device could not keep up (1013).
     Slow,
-    /// Kicked by the backend (1008).
+    /// Kicked by the backend (4502: do not reconnect on your own).
     Kicked,
-    /// The user's tokens were revoked by the backend (1008).
+    /// The user's tokens were revoked by the backend (4501: do not reconnect).
     Revoked,
+}
+
+/// Application close codes. 4000–4499: get a fresh token, then reconnect; 4500–4999: do not
+/// reconnect. Distinct codes, because browsers cannot read why an upgrade was refused and
+/// clients should not have to match reason texts.
+pub mod close {
+    /// The token's `exp` (plus the leeway) passed, at the upgrade or while connected.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The backend revoked the user's tokens.
+    pub const REVOKED: u16 = 4501;
+    /// The backend kicked the device.
+    pub const KICKED: u16 = 4502;
 }
 
 impl Disconnect {
@@ -74,7 +86,8 @@ impl Disconnect {
         match self {
             Disconnect::Shutdown => 1001,
             Disconnect::Slow => 1013,
-            Disconnect::Kicked | Disconnect::Revoked => 1008,
+            Disconnect::Kicked => close::KICKED,
+            Disconnect::Revoked => close::REVOKED,
         }
     }
     pub fn reason(self) -> &'static str {

@@ -172,9 +172,13 @@ pub struct ServeArgs {
     #[arg(long, env = "BIMIP_LOG", default_value = "info")]
     log: String,
     /// Development mode: make up (and keep in the data dir) a JWT secret and an API key when none
-    /// is given, and print a ready token and client command.
+    /// is given, print a ready token and client command, serve the web demo at `/` and mint
+    /// tokens for loopback callers at `POST /dev/token`.
     #[arg(long)]
     dev: bool,
+    /// Serve the web demo at `/` (on by default only with --dev; `--web=false` turns it off).
+    #[arg(long, env = "BIMIP_WEB", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    web: Option<bool>,
     /// Repair mid-file store corruption at start-up (originals are kept aside).
     #[arg(long)]
     repair: bool,
@@ -245,6 +249,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.dev {
         print_dev_help(&config, addr)?;
+    }
+    if config.web_enabled() {
+        let scheme = if config.tls.cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let at = browsable(addr);
+        if config.dev {
+            println!(
+                "web demo: open {scheme}://{at}/ in two browser windows and sign in as two users"
+            );
+        } else {
+            println!("web demo: {scheme}://{at}/");
+        }
     }
     bimip_server::run(listener, config, shutdown_signal()).await?;
     Ok(())
@@ -388,7 +407,9 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set_opt(&mut c.jwt.issuer, &a.jwt_issuer);
     set_opt(&mut c.jwt.audience, &a.jwt_audience);
     set_opt(&mut c.api_key, &a.api_key);
+    set_opt(&mut c.web, &a.web);
     c.repair |= a.repair;
+    c.dev = a.dev;
 }
 
 /// A duration in whole seconds from `<n>[s|m|h|d]` (no unit = seconds).
@@ -488,8 +509,24 @@ fn print_dev_help(c: &Config, addr: std::net::SocketAddr) -> anyhow::Result<()> 
             "  backend API:     curl -H 'Authorization: Bearer {key}' http://{addr}/v1/users/alice/presence"
         );
     }
+    println!(
+        "  a token for anyone: curl -X POST -d '{{\"user\":\"bob\"}}' http://{addr}/dev/token"
+    );
     println!();
     Ok(())
+}
+
+/// The address to type into a browser: a wildcard bind is reachable on loopback.
+fn browsable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            (std::net::Ipv4Addr::LOCALHOST, addr.port()).into()
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            (std::net::Ipv6Addr::LOCALHOST, addr.port()).into()
+        }
+        _ => addr,
+    }
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {

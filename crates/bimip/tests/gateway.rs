@@ -46,11 +46,14 @@ async fn bad_tokens_get_401_with_a_json_error_before_the_upgrade() {
     let cases = [
         ("missing", None),
         ("garbage", Some("not-a-jwt".to_string())),
-        (
-            "expired",
-            Some(hs256(json!({"sub": "alice", "exp": now() - 3600}), SECRET)),
-        ),
         ("no exp", Some(hs256(json!({"sub": "alice"}), SECRET))),
+        (
+            "expired and signed with another key",
+            Some(hs256(
+                json!({"sub": "alice", "exp": now() - 3600}),
+                "another-secret-of-length",
+            )),
+        ),
         (
             "wrong key",
             Some(hs256(
@@ -95,6 +98,37 @@ async fn bad_tokens_get_401_with_a_json_error_before_the_upgrade() {
         "generated device id: {}",
         w.device
     );
+}
+
+/// A genuine token past its `exp` gets the upgrade and an immediate close with 4001, which a
+/// browser can read (it cannot read an HTTP 401); a plain HTTP request still gets the 401.
+#[tokio::test]
+async fn an_expired_token_is_closed_with_4001_after_the_upgrade() {
+    let s = Server::start(&["--jwt-leeway-secs", "0"]);
+    let expired = hs256(json!({"sub": "alice", "exp": now() - 60}), SECRET);
+    for (in_query, codec) in [(false, Codec::Binary), (true, Codec::Json)] {
+        let mut opts = ConnectOptions::new(s.url())
+            .token(expired.clone())
+            .codec(codec);
+        opts.token_in_query = in_query;
+        match Client::connect(opts).await {
+            Err(ClientError::Closed(Some(c))) => {
+                assert_eq!((c.code, c.reason.as_str()), (4001, "token expired"));
+            }
+            Err(e) => panic!("expected a 4001 close, got {e}"),
+            Ok(_) => panic!("an expired token was welcomed"),
+        }
+    }
+    let r = http()
+        .get(s.http("/ws"))
+        .bearer_auth(&expired)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+    assert!(metric(&s, "bimip_connections_refused_total").await >= 2.0);
 }
 
 fn b64url(s: &str) -> String {

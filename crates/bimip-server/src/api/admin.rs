@@ -16,7 +16,7 @@ pub struct RevokeReply {
     /// Tokens of this user are accepted again only with `iat` >= this (unix seconds); tokens
     /// without `iat` are refused from now on.
     not_before: i64,
-    /// Connections told to close (1008 "revoked").
+    /// Connections told to close (4501 "revoked").
     closed: usize,
 }
 
@@ -24,13 +24,13 @@ pub struct RevokeReply {
 pub struct KickReply {
     user: String,
     device: String,
-    /// Connections told to close (1008 "kicked").
+    /// Connections told to close (4502 "kicked").
     closed: usize,
 }
 
 /// Revoke a user's sessions: every token of the user issued up to now (by `iat`; tokens
 /// without `iat` too) is refused from now on, also after a restart, and all the user's
-/// connections are closed with 1008 "revoked".
+/// connections are closed with 4501 "revoked".
 #[utoipa::path(post, path = "/v1/users/{user}/revoke",
     params(("user" = String, Path, description = "user id")),
     security(("api_key" = [])),
@@ -61,7 +61,7 @@ pub async fn revoke(
     }))
 }
 
-/// Kick one device: its connections are closed with 1008 "kicked" (it may reconnect with a
+/// Kick one device: its connections are closed with 4502 "kicked" (it may reconnect with a
 /// valid token; revoke the user to refuse its tokens).
 #[utoipa::path(post, path = "/v1/users/{user}/devices/{device}/kick",
     params(("user" = String, Path, description = "user id"),

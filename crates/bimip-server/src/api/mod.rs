@@ -1,8 +1,11 @@
 //! The HTTP side of the server, on the same port as the WebSocket gateway: health, readiness,
-//! Prometheus metrics, the OpenAPI document, and the backend API (API-key protected).
+//! Prometheus metrics, the OpenAPI document, the backend API (API key; the routes naming a user
+//! also take that user's own token), the dev token route (`--dev`) and the web demo (`--web`).
 //! Every error is JSON: `{"error":{"code":"...","message":"..."}}`.
 
 mod admin;
+mod dev;
+mod messages;
 mod presence;
 mod push;
 
@@ -107,8 +110,14 @@ impl IntoResponse for ApiError {
 /// Builds the router for one server.
 pub fn router(state: Shared) -> Router {
     let body_limit = state.config.max_http_body_bytes;
-    Router::new()
-        .route("/ws", get(gateway::upgrade))
+    let mut app = Router::new();
+    if state.config.dev {
+        app = app.route("/dev/token", post(dev::dev_token));
+    }
+    if state.config.web_enabled() {
+        app = app.merge(crate::web::routes());
+    }
+    app.route("/ws", get(gateway::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -128,6 +137,8 @@ pub fn router(state: Shared) -> Router {
             "/v1/users/{user}/blocks/{other}",
             put(presence::put_block).delete(presence::delete_block),
         )
+        .route("/v1/users/{user}/messages", get(messages::history))
+        .route("/v1/users/{user}/unread", get(messages::unread))
         .route("/v1/users/{user}/revoke", post(admin::revoke))
         .route("/v1/users/{user}/devices/{device}/kick", post(admin::kick))
         .route(
@@ -220,9 +231,11 @@ async fn json_errors(req: Request, next: Next) -> Response {
 #[openapi(
     info(
         title = "bimip",
-        description = "Presence and message-delivery server for chat apps: HTTP API for app backends. \
-                       Backend routes need `Authorization: Bearer <api key>`. Clients connect with a \
-                       WebSocket to `GET /ws` (see docs/PROTOCOL.md)."
+        description = "Presence and message-delivery server for chat apps: HTTP API for app backends \
+                       and clients. Backend routes need `Authorization: Bearer <api key>`; the routes \
+                       that name a user in the path also take that user's own token (JWT), and refuse \
+                       a token of another user with 403. Clients connect with a WebSocket to `GET /ws` \
+                       (see docs/PROTOCOL.md). `POST /dev/token` exists only in development mode."
     ),
     paths(
         healthz,
@@ -237,6 +250,9 @@ async fn json_errors(req: Request, next: Next) -> Response {
         presence::delete_contact,
         presence::put_block,
         presence::delete_block,
+        messages::history,
+        messages::unread,
+        dev::dev_token,
         admin::revoke,
         admin::kick,
         push::put_push_token,
@@ -258,10 +274,17 @@ async fn json_errors(req: Request, next: Next) -> Response {
         presence::PresenceQuery,
         presence::PresenceQueryReply,
         presence::ContactsReply,
+        presence::ContactView,
         presence::ContactItem,
         presence::ContactImport,
         presence::ContactBody,
         presence::ChangedReply,
+        messages::HistoryReply,
+        messages::HistoryMessage,
+        messages::UnreadReply,
+        messages::UnreadItem,
+        dev::DevTokenBody,
+        dev::DevTokenReply,
         admin::RevokeReply,
         admin::KickReply,
         push::PushTokenBody,

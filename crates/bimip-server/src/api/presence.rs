@@ -1,6 +1,9 @@
-//! Presence queries, contacts and blocks for the app's backend (API key).
+//! Presence queries, contacts and blocks. The routes naming a user take the backend's API key or
+//! that user's own token; the others the API key only.
 
-use super::{ApiError, ErrorBody, parse_json, require_api_key, valid_user};
+use super::{
+    ApiError, ErrorBody, parse_json, require_api_key, require_user_or_api_key, valid_user,
+};
 use crate::{awareness, state::Shared};
 use axum::{
     Json,
@@ -8,7 +11,7 @@ use axum::{
     extract::{Path, Query, State},
     http::HeaderMap,
 };
-use bimip_proto::v1::Status;
+use bimip_proto::v1::{self, Status};
 use bimip_store::ProfileStore;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -77,11 +80,12 @@ async fn presence_of(
 /// Presence of one user: device state, intent, devices online, last seen.
 #[utoipa::path(get, path = "/v1/users/{user}/presence",
     params(("user" = String, Path, description = "user id"), PresenceParams),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "presence", body = PresenceReply),
         (status = 400, description = "malformed user id", body = ErrorBody),
-        (status = 401, description = "missing or wrong API key", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn user_presence(
     State(state): State<Shared>,
@@ -89,8 +93,8 @@ pub async fn user_presence(
     Path(user): Path<String>,
     Query(p): Query<PresenceParams>,
 ) -> Result<Json<PresenceReply>, ApiError> {
-    require_api_key(&state, &headers)?;
     valid_user(&user)?;
+    require_user_or_api_key(&state, &headers, &user)?;
     Ok(Json(presence_of(&state, user, p.include_invisible).await?))
 }
 
@@ -150,43 +154,91 @@ pub struct ContactItem {
 #[derive(Serialize, ToSchema)]
 pub struct ContactsReply {
     user: String,
-    /// Users this user listed.
-    contacts: Vec<ContactItem>,
+    /// Users this user listed, with their presence as this user may see it.
+    contacts: Vec<ContactView>,
     /// Users that see this user's awareness.
     watchers: Vec<String>,
     /// Users this user blocks.
     blocks: Vec<String>,
 }
 
-/// A user's contacts, watchers and blocks.
+/// One contact and its presence, exactly as the user would see it on the WebSocket (a
+/// `Subscribe` snapshot): invisible users and users blocking this one are `offline`.
+#[derive(Serialize, ToSchema)]
+pub struct ContactView {
+    user: String,
+    /// The contact does not see this user back.
+    one_way: bool,
+    /// A device of the contact is connected.
+    online: bool,
+    /// `online`, `away`, `busy`, `dnd` (online with that intent) or `offline`.
+    status: String,
+    /// Custom status text set with the intent.
+    details: String,
+    /// Unix ms when the contact was last online (0 when unknown, online, or not visible).
+    last_seen: i64,
+}
+
+impl ContactView {
+    fn new(user: String, one_way: bool, seen: Option<v1::Awareness>) -> ContactView {
+        // A listed contact is always seen (blocked: as offline); None only if the two sides
+        // of the relation disagree after a crash, which the next change of it repairs.
+        let Some(a) = seen else {
+            return ContactView {
+                user,
+                one_way,
+                online: false,
+                status: "offline".into(),
+                details: String::new(),
+                last_seen: 0,
+            };
+        };
+        let online = a.status == Status::Online as i32;
+        let status = match (online, intent_name(a.intent)) {
+            (false, _) => "offline".to_string(),
+            (true, Some(intent)) => intent,
+            (true, None) => "online".to_string(),
+        };
+        ContactView {
+            user,
+            one_way,
+            online,
+            status,
+            details: a.details,
+            last_seen: a.last_seen,
+        }
+    }
+}
+
+/// A user's contacts with their presence, its watchers and its blocks.
 #[utoipa::path(get, path = "/v1/users/{user}/contacts",
     params(("user" = String, Path, description = "user id")),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "contacts", body = ContactsReply),
         (status = 400, description = "malformed user id", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn list_contacts(
     State(state): State<Shared>,
     headers: HeaderMap,
     Path(user): Path<String>,
 ) -> Result<Json<ContactsReply>, ApiError> {
-    require_api_key(&state, &headers)?;
     valid_user(&user)?;
+    require_user_or_api_key(&state, &headers, &user)?;
     let p = state
         .store
         .profile(&user)
         .await
         .map_err(crate::error::Refused::from)?;
+    let mut contacts = Vec::with_capacity(p.contacts.len());
+    for (c, one_way) in &p.contacts {
+        let seen = awareness::seen_by(&state, &user, c).await?;
+        contacts.push(ContactView::new(c.clone(), *one_way, seen));
+    }
     Ok(Json(ContactsReply {
-        contacts: p
-            .contacts
-            .iter()
-            .map(|(u, one_way)| ContactItem {
-                user: u.clone(),
-                one_way: *one_way,
-            })
-            .collect(),
+        contacts,
         watchers: p.watchers().into_iter().collect(),
         blocks: p.blocks.iter().cloned().collect(),
         user,
@@ -265,10 +317,12 @@ pub struct ContactBody {
 /// Add or update one contact. Contacts are mutual for presence unless `one_way` is true.
 #[utoipa::path(put, path = "/v1/users/{user}/contacts/{contact}", request_body(content = ContactBody, description = "optional"),
     params(("user" = String, Path), ("contact" = String, Path)),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "stored", body = ChangedReply),
         (status = 400, description = "malformed ids or body", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn put_contact(
     State(state): State<Shared>,
@@ -276,9 +330,9 @@ pub async fn put_contact(
     Path((user, contact)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<ChangedReply>, ApiError> {
-    require_api_key(&state, &headers)?;
     valid_user(&user)?;
     valid_user(&contact)?;
+    require_user_or_api_key(&state, &headers, &user)?;
     if user == contact {
         return Err(ApiError::bad_request(
             "a user cannot list itself as a contact",
@@ -300,19 +354,21 @@ pub async fn put_contact(
 /// Remove one contact (both directions of the relation).
 #[utoipa::path(delete, path = "/v1/users/{user}/contacts/{contact}",
     params(("user" = String, Path), ("contact" = String, Path)),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "removed (changed=0 when it was not a contact)", body = ChangedReply),
         (status = 400, description = "malformed ids", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn delete_contact(
     State(state): State<Shared>,
     headers: HeaderMap,
     Path((user, contact)): Path<(String, String)>,
 ) -> Result<Json<ChangedReply>, ApiError> {
-    require_api_key(&state, &headers)?;
     valid_user(&user)?;
     valid_user(&contact)?;
+    require_user_or_api_key(&state, &headers, &user)?;
     let existed = state
         .store
         .remove_contact(&user, &contact)
@@ -330,9 +386,9 @@ async fn block(
     other: String,
     blocked: bool,
 ) -> Result<Json<ChangedReply>, ApiError> {
-    require_api_key(state, headers)?;
     valid_user(&user)?;
     valid_user(&other)?;
+    require_user_or_api_key(state, headers, &user)?;
     if user == other {
         return Err(ApiError::bad_request("a user cannot block itself"));
     }
@@ -354,10 +410,11 @@ async fn block(
 /// Block a user: its messages and typing are refused and it sees this user as OFFLINE.
 #[utoipa::path(put, path = "/v1/users/{user}/blocks/{other}",
     params(("user" = String, Path), ("other" = String, Path)),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "blocked", body = ChangedReply),
         (status = 400, description = "malformed ids", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn put_block(
     State(state): State<Shared>,
@@ -370,10 +427,11 @@ pub async fn put_block(
 /// Unblock a user.
 #[utoipa::path(delete, path = "/v1/users/{user}/blocks/{other}",
     params(("user" = String, Path), ("other" = String, Path)),
-    security(("api_key" = [])),
+    security(("api_key" = []), ("user_token" = [])),
     responses(
         (status = 200, description = "unblocked", body = ChangedReply),
         (status = 400, description = "malformed ids", body = ErrorBody),
+        (status = 403, description = "a token of another user", body = ErrorBody),
     ))]
 pub async fn delete_block(
     State(state): State<Shared>,
