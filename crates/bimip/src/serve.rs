@@ -509,9 +509,7 @@ fn print_dev_help(c: &Config, addr: std::net::SocketAddr) -> anyhow::Result<()> 
             "  backend API:     curl -H 'Authorization: Bearer {key}' http://{addr}/v1/users/alice/presence"
         );
     }
-    println!(
-        "  a token for anyone: curl -X POST -d '{{\"user\":\"bob\"}}' http://{addr}/dev/token"
-    );
+    println!("  dev token:       curl -X POST -d '{{\"user\":\"bob\"}}' http://{addr}/dev/token");
     println!();
     Ok(())
 }
