@@ -44,6 +44,8 @@ test("alice and bob chat in the demo, across a server restart", { timeout: 180_0
     });
   };
   const sel = (page, s, timeout = T) => page.waitForSelector(s, { timeout });
+  const typingHidden = (page, timeout = T) =>
+    page.waitForSelector('[data-testid="typing-indicator"][hidden]', { state: "attached", timeout });
   const msgLocator = (page, text) => page.locator(`[data-testid="messages"] li`, { hasText: text });
   const statusOf = async (page, text) => (await msgLocator(page, text).getAttribute("data-status")) ?? "";
   const waitStatus = (page, text, status, timeout = T) =>
@@ -106,12 +108,14 @@ test("alice and bob chat in the demo, across a server restart", { timeout: 180_0
       await shot("bob-typing");
       await bob.page.press('[data-testid="compose"]', "Enter");
       await sel(alice.page, '[data-testid="messages"] li:has-text("how are you")');
-      await sel(alice.page, '[data-testid="typing-indicator"][hidden]');
+      await typingHidden(alice.page);
       await waitStatus(bob.page, "how are you", "read");
-      // A typing indicator without a message lapses by itself after its ttl (5 s).
+      // A typing indicator without a message lapses by itself after its ttl (5 s). The client
+      // sends at most one TYPING per peer every 3 s, so wait that out first.
+      await bob.page.waitForTimeout(3_100);
       await bob.page.fill('[data-testid="compose"]', "…");
       await sel(alice.page, '[data-testid="typing-indicator"]:not([hidden])');
-      await sel(alice.page, '[data-testid="typing-indicator"][hidden]', 10_000);
+      await typingHidden(alice.page, 10_000);
       await bob.page.fill('[data-testid="compose"]', "");
       await shot("chatted");
     });

@@ -1,6 +1,6 @@
 // Helpers for the browser tests: a `bimip serve --dev` process and a headless Chromium.
 import { spawn } from "node:child_process";
-import { createWriteStream, existsSync, mkdirSync } from "node:fs";
+import { createWriteStream, existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -13,6 +13,31 @@ export const BIMIP_BIN =
 
 /** Screenshots, server logs and traces go here (gitignored). */
 export const ARTIFACTS = resolve(process.env.E2E_ARTIFACTS ?? join(root, "target", "e2e-artifacts"));
+
+/**
+ * For working on the demo without rebuilding the server: with E2E_DEMO_DIR set (e.g. to
+ * crates/bimip-server/web/dist after `npm run demo:build`), the browser gets the script and the
+ * style sheet from that folder instead of the ones embedded in the server binary. (The page
+ * itself still comes from the server: Chromium blocks loopback requests from a page whose
+ * document was made up by the test.)
+ */
+const DEMO_DIR = process.env.E2E_DEMO_DIR ? resolve(process.env.E2E_DEMO_DIR) : undefined;
+
+async function serveDemoFromDisk(context) {
+  const html = readFileSync(join(DEMO_DIR, "index.html"), "utf8");
+  const files = {};
+  for (const m of html.matchAll(/"\/(assets\/[^"]+\.(js|css))"/g)) files[`.${m[2]}`] = m[1];
+  await context.route(
+    (url) => url.pathname.startsWith("/assets/"),
+    (route) => {
+      const path = new URL(route.request().url()).pathname;
+      const ext = path.slice(path.lastIndexOf("."));
+      const file = files[ext];
+      if (!file) return route.continue();
+      return route.fulfill({ path: join(DEMO_DIR, file), contentType: ext === ".js" ? "text/javascript" : "text/css" });
+    },
+  );
+}
 
 /** Debian's chromium; playwright-core never downloads a browser here. */
 export const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
@@ -87,6 +112,7 @@ export function launchBrowser() {
  */
 export async function newUserPage(browser, name, errors, allow = () => false) {
   const context = await browser.newContext({ viewport: { width: 900, height: 560 } });
+  if (DEMO_DIR) await serveDemoFromDisk(context);
   await context.tracing.start({ screenshots: true, snapshots: true });
   const page = await context.newPage();
   page.on("pageerror", (e) => errors.push(`${name}: page error: ${e.message}`));

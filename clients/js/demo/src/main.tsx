@@ -103,7 +103,7 @@ function Chat({ saved, onSignOut }: { saved: SavedSession; onSignOut: () => void
           {s.error} ✕
         </p>
       )}
-      <div class="panes">
+      <div class={`panes ${s.conn.state === "connected" ? "" : "stale"}`}>
         <aside>
           <ul class="contacts" data-testid="contacts">
             {list.map((k) => (
@@ -231,7 +231,7 @@ function AddContact({ s }: { s: Session }) {
   );
 }
 
-const TICK: Record<string, string> = { queued: "🕓", sent: "🕓", acked: "✓", delivered: "✓✓", read: "✓✓", failed: "!" };
+const TICK: Record<string, string> = { queued: "◷", sent: "◷", acked: "✓", delivered: "✓✓", read: "✓✓", failed: "!" };
 
 function Bubble({ m, mine }: { m: ChatMessage; mine: boolean }) {
   const time = new Date(m.timestamp).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
@@ -285,7 +285,7 @@ function Conversation({ s, peer }: { s: Session; peer: string }) {
           value={draft}
           onInput={(e) => {
             setDraft(e.currentTarget.value);
-            s.typing(peer);
+            if (e.currentTarget.value.trim()) s.typing(peer);
           }}
         />
         <button data-testid="send">Send</button>

@@ -103,6 +103,11 @@ export class Session {
       getToken: () => this.refreshToken(),
       device: deviceFor(saved.user),
       format: saved.format,
+      // warnings (dropped links, refused sends) to the console; errors are bugs
+      logger: (level, msg, data) => {
+        if (level === "error") console.error("bimip:", msg, data);
+        else if (level === "warn") console.warn("bimip:", msg, data ?? "");
+      },
     });
     this.wire();
   }
