@@ -346,9 +346,9 @@ export class BimipClient {
   }
 
   /**
-   * Sets this user's intent (`online` clears it). `invisible: true` hides the user (seen as offline);
-   * `invisible: false` shows them again; any `online` also ends invisibility. Resolves on the Ack
-   * (sent after the next connect when offline).
+   * Sets this user's intent: away/busy/dnd, or `online` to clear it. `invisible: true` hides the user
+   * (seen as offline, the intent kept); `invisible: false`, or `online` while invisible, shows them
+   * again with their intent. Resolves on the Ack (sent after the next connect when offline).
    */
   setIntent(intent: Intent, o: { invisible?: boolean; details?: string } = {}): Promise<void> {
     const status = INTENT_STATUS[intent];

@@ -13,7 +13,7 @@ export type Format = "binary" | "json";
  */
 export type ConnState = "idle" | "connecting" | "connected" | "reconnecting" | "closed";
 
-/** A user's intent. `online` clears the intent (shown as plain online). */
+/** A user's intent. `online` means none (plain online); `setIntent("online")` clears a stored intent. */
 export type Intent = "online" | "away" | "busy" | "dnd";
 
 /** An offset in a user's queue: an exact uint64, as protobuf-es decodes it. */

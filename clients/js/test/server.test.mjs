@@ -242,7 +242,11 @@ test("presence: watch snapshots, ONLINE/OFFLINE, intents, invisibility, typing",
     const back = nextEvent(alice, "presence", (p) => p.user === "bob" && p.state === "online");
     await bob.setIntent("online", { invisible: false });
     const b = await back;
-    assert.equal(b.intent, undefined, "an ONLINE with invisible clears the intent");
+    assert.equal(b.intent, "dnd", "becoming visible keeps the intent");
+
+    const cleared = nextEvent(alice, "presence", (p) => p.user === "bob" && p.state === "online" && p.intent === undefined);
+    await bob.setIntent("online");
+    await cleared;
 
     const gone = nextEvent(alice, "presence", (p) => p.user === "bob" && p.state === "offline");
     await bob.close();
