@@ -1,7 +1,8 @@
-// The demo chat in a real browser: alice and bob (two isolated browser contexts) sign in, add each
-// other, chat with delivered/read ticks, see typing and AWAY, and survive a server restart in the
-// middle without losing or duplicating a message. A screenshot of each step goes to
-// target/e2e-artifacts/. Any page error or console.error fails the test.
+// The demo chat in a real browser: alice (binary frames) and bob (JSON frames), in two isolated
+// browser contexts, sign in, add each other, chat with delivered/read ticks, see typing, AWAY and
+// invisibility, survive a server restart in the middle without losing or duplicating a message,
+// find their history after a reload, and get an unread count from the ONLINE summary. A screenshot
+// of each step goes to target/e2e-artifacts/. Any page error or console.error fails the test.
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -165,6 +166,24 @@ test("alice and bob chat in the demo, across a server restart", { timeout: 180_0
         assert.equal(await msgLocator(bob.page, text).count(), 1, `history shows "${text}" once`);
       }
       await shot("history-after-reload");
+    });
+
+    await step("bob leaves; alice's messages wait; bob returns to an unread count from the summary", async () => {
+      await bob.page.goto("about:blank");
+      await sel(alice.page, '[data-testid="contact-bob"][data-presence="offline"]');
+      for (const text of ["Are you there?", "Call me when you are back"]) {
+        await alice.page.fill('[data-testid="compose"]', text);
+        await alice.page.press('[data-testid="compose"]', "Enter");
+        await waitStatus(alice.page, text, "acked");
+      }
+      await bob.page.goto(server.url + "/"); // the same tab: still signed in as bob
+      await sel(bob.page, '[data-testid="contact-alice"][data-unread="2"]');
+      await waitStatus(alice.page, "when you are back", "delivered");
+      await shot("unread-from-summary");
+      await bob.page.click('[data-testid="contact-alice"]');
+      await waitStatus(alice.page, "Are you there?", "read");
+      await waitStatus(alice.page, "when you are back", "read");
+      await sel(bob.page, '[data-testid="contact-alice"][data-unread="0"]');
     });
   } finally {
     for (const u of [alice, bob]) {
