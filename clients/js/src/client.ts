@@ -497,7 +497,12 @@ export class BimipClient {
     if (forced && this.tokens) {
       // A token fetched ahead of time (see scheduleTokenRefresh) is good enough after a 4001.
       if (forced === "expired" && this.token && this.token !== this.tokenUsed && !expiring(this.token)) return this.token;
-      return fetch(forced);
+      try {
+        return await fetch(forced);
+      } catch (e) {
+        this.forceRefresh = forced; // still needed at the next attempt
+        throw e;
+      }
     }
     if (!this.token) {
       if (!this.tokens) throw new BimipError("unauthorized", "no `token` and no `getToken` given", { fatal: true });

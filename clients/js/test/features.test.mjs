@@ -196,3 +196,28 @@ test("JSON format: the bimip.v1.json subprotocol, text frames; device from Welco
   assert.equal(instances[1].url.searchParams.get("device"), "dev-123");
   await c.close();
 });
+
+test("heartbeat: a Ping after heartbeatMs of silence; a link silent for 2×heartbeatMs + 5 s is dropped", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  t.mock.method(Math, "random", () => 0);
+  const { FakeSocket, instances } = fakeSocketClass();
+  const c = new BimipClient({ url: "ws://x/ws", token: "t", WebSocket: FakeSocket });
+  c.connect();
+  await flush();
+  instances[0].welcome("alice", "d", 1000);
+  t.mock.timers.tick(500);
+  assert.equal(instances[0].framesOf("ping").length, 0);
+  t.mock.timers.tick(500);
+  const pings = instances[0].framesOf("ping");
+  assert.equal(pings.length, 1, "a Ping after 1 s of silence");
+  instances[0].recv({ ref: pings[0].ref, body: { case: "pong", value: pings[0].body.value } });
+  t.mock.timers.tick(5000);
+  assert.ok(instances[0].isLive, "the Pong counted as life");
+  t.mock.timers.tick(1000);
+  assert.ok(instances[0].isLive, "6 s: not yet");
+  assert.ok(instances[0].framesOf("ping").length > 1, "more Pings while silent");
+  t.mock.timers.tick(2000);
+  assert.ok(!instances[0].isLive, "more than 7 s of silence: dropped");
+  assert.equal(c.state, "connecting", "and reconnecting at once (random 0)");
+  await c.close();
+});

@@ -144,3 +144,39 @@ test("a token close to expiry is refreshed before connecting; two closes before 
   assert.deepEqual(reasons, ["expiring", "rejected"], "only once per unstable streak");
   await c.close();
 });
+
+test("a getToken failure after 4001 is retried with backoff (the old token is not reused)", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  t.mock.method(Math, "random", () => 0.5);
+  const { FakeSocket, instances } = fakeSocketClass();
+  const reasons = [];
+  const c = new BimipClient({
+    url: "ws://x/ws",
+    token: "old",
+    WebSocket: FakeSocket,
+    getToken: async ({ reason }) => {
+      reasons.push(reason);
+      if (reasons.length === 1) throw new Error("auth backend down");
+      return "new";
+    },
+  });
+  const states = [];
+  const errors = [];
+  c.on("state", (s) => states.push(s));
+  c.on("error", (e) => errors.push(e));
+  c.connect();
+  await flush();
+  instances[0].welcome();
+  instances[0].serverClose(4001, "token expired");
+  t.mock.timers.tick(0);
+  await flush();
+  assert.deepEqual(reasons, ["expired"]);
+  assert.equal(instances.length, 1, "no socket with the old token");
+  assert.equal(errors[0].fatal, false);
+  assert.equal(states.at(-1).state, "reconnecting");
+  t.mock.timers.tick(states.at(-1).retryInMs);
+  await flush();
+  assert.deepEqual(reasons, ["expired", "expired"]);
+  assert.equal(instances[1].token, "new");
+  await c.close();
+});
