@@ -2,7 +2,16 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { MemoryOutbox } from "../dist/index.js";
-import { TestServer, WebSocket, collect, nextEvent, waitFor } from "./server-helper.mjs";
+import { TestServer, WebSocket, collect, nextEvent, serverBinary, waitFor } from "./server-helper.mjs";
+
+let missing;
+try {
+  serverBinary();
+} catch (e) {
+  missing = e;
+}
+if (missing) test("the bimip server binary is available", () => assert.fail(missing.message));
+const serverTest = missing ? (name, fn) => test(name, { skip: "no server binary (see the failure above)" }, fn) : test;
 
 async function withServer(t, args, fn) {
   const server = await new TestServer({ args }).start();
@@ -19,7 +28,7 @@ async function withServer(t, args, fn) {
   }
 }
 
-test("two clients chat both ways (binary and JSON) with acks, delivered and read receipts", async (t) => {
+serverTest("two clients chat both ways (binary and JSON) with acks, delivered and read receipts", async (t) => {
   await withServer(t, [], async (server, track) => {
     await server.contacts("alice", "bob");
     const alice = track(server.client("alice", { device: "laptop" }));
@@ -62,7 +71,7 @@ test("two clients chat both ways (binary and JSON) with acks, delivered and read
   });
 });
 
-test("a message sent while the server is down is delivered exactly once after it returns", async (t) => {
+serverTest("a message sent while the server is down is delivered exactly once after it returns", async (t) => {
   await withServer(t, ["--presence-grace-ms", "200"], async (server, track) => {
     await server.contacts("alice", "bob");
     const alice = track(server.client("alice", { device: "a1" }));
@@ -105,7 +114,7 @@ test("a message sent while the server is down is delivered exactly once after it
   });
 });
 
-test("token refresh: 4001 on an open connection → getToken, then reconnect with the new token", async (t) => {
+serverTest("token refresh: 4001 on an open connection → getToken, then reconnect with the new token", async (t) => {
   await withServer(t, ["--jwt-leeway-secs", "0"], async (server, track) => {
     const reasons = [];
     const exp = Math.floor(Date.now() / 1000) + 2;
@@ -132,7 +141,7 @@ test("token refresh: 4001 on an open connection → getToken, then reconnect wit
   });
 });
 
-test("an expired token at the upgrade: the server accepts, then closes 4001 (a browser can see that)", async (t) => {
+serverTest("an expired token at the upgrade: the server accepts, then closes 4001 (a browser can see that)", async (t) => {
   await withServer(t, ["--jwt-leeway-secs", "0"], async (server) => {
     const token = server.token("alice", { exp: Math.floor(Date.now() / 1000) - 5 });
     const ws = new WebSocket(`${server.wsUrl}?token=${token}`, ["bimip.v1"]);
@@ -149,7 +158,7 @@ for (const [what, path, code, error] of [
   ["kick", (u, d) => `/v1/users/${u}/devices/${d}/kick`, 4502, "kicked"],
   ["revoke", (u) => `/v1/users/${u}/revoke`, 4501, "revoked"],
 ]) {
-  test(`${what} (${code}) is terminal: closed with a fatal error, no reconnect attempts`, async (t) => {
+  serverTest(`${what} (${code}) is terminal: closed with a fatal error, no reconnect attempts`, async (t) => {
     await withServer(t, [], async (server, track) => {
       const alice = track(server.client("alice", { device: "tab1" }));
       const states = collect(alice, "state");
@@ -168,7 +177,7 @@ for (const [what, path, code, error] of [
   });
 }
 
-test("RESUME history pages and the ONLINE summary", async (t) => {
+serverTest("RESUME history pages and the ONLINE summary", async (t) => {
   await withServer(t, [], async (server, track) => {
     const alice = track(server.client("alice"));
     await alice.connect();
@@ -203,7 +212,7 @@ test("RESUME history pages and the ONLINE summary", async (t) => {
   });
 });
 
-test("presence: watch snapshots, ONLINE/OFFLINE, intents, invisibility, typing", async (t) => {
+serverTest("presence: watch snapshots, ONLINE/OFFLINE, intents, invisibility, typing", async (t) => {
   await withServer(t, ["--presence-grace-ms", "100"], async (server, track) => {
     await server.contacts("alice", "bob");
     const alice = track(server.client("alice"));
