@@ -415,7 +415,12 @@ async fn presence_and_contacts_over_http_with_bad_input() {
     .await;
     assert_eq!(st, 200);
     let (_, v) = api(&s, reqwest::Method::GET, "/v1/users/hub/contacts", None).await;
-    assert_eq!(v["contacts"], json!([{"user": "c1", "one_way": false}]));
+    // Each contact carries its presence as hub sees it (c1 never connected).
+    assert_eq!(
+        v["contacts"],
+        json!([{"user": "c1", "one_way": false, "online": false, "status": "offline",
+                "details": "", "last_seen": 0}])
+    );
 
     let (_c1, _) = s.online("c1", "d").await;
     let (st, v) = api(
