@@ -142,6 +142,9 @@ test("alice and bob chat in the demo, across a server restart", { timeout: 180_0
       const queued = await statusOf(alice.page, "server was down");
       assert.ok(["queued", "sent"].includes(queued), `status while down: ${queued}`);
       await shot("server-down");
+      // Stay down long enough for several refused reconnects (the client then also asks the page
+      // for a new token, which fails too: the server is down, not refusing).
+      await alice.page.waitForTimeout(3_000);
       server = await startServer({ listen: server.addr, dataDir, logName: "chat-server.log" });
       for (const u of [alice, bob]) await sel(u.page, '[data-testid="conn-state"][data-state="connected"]', 45_000);
       serverDown = false;

@@ -28,6 +28,16 @@ export interface StoredMessage {
   text: string;
 }
 
+/** A refusal by the server (as opposed to a network failure, which fetch throws as TypeError). */
+export class HttpError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super(message);
+  }
+}
+
 async function call<T>(method: string, path: string, token?: string, body?: unknown): Promise<T> {
   const headers: Record<string, string> = {};
   if (token) headers.authorization = `Bearer ${token}`;
@@ -46,7 +56,7 @@ async function call<T>(method: string, path: string, token?: string, body?: unkn
   }
   if (!res.ok) {
     const msg = json?.error?.message ?? (text || res.statusText);
-    throw new Error(`${method} ${path}: ${res.status} ${msg}`);
+    throw new HttpError(`${method} ${path}: ${res.status} ${msg}`, res.status);
   }
   return json as T;
 }

@@ -3,7 +3,7 @@
 
 import { BimipClient } from "../../src/index.ts";
 import type { ConnState, Format, Intent } from "../../src/index.ts";
-import { Api, devToken, type Presence, type StoredMessage } from "./api.ts";
+import { Api, devToken, HttpError, type Presence, type StoredMessage } from "./api.ts";
 
 export type Tick = "queued" | "sent" | "acked" | "delivered" | "read" | "failed";
 const RANK: Record<Tick, number> = { failed: 0, queued: 1, sent: 2, acked: 3, delivered: 4, read: 5 };
@@ -131,8 +131,11 @@ export class Session {
       const s = await signIn(this.me, this.saved.format);
       this.saved = s;
       return s.token;
-    } catch {
-      return null; // no dev token route: signed out
+    } catch (e) {
+      // Refused (no --dev, or not from this machine): signed out for good. A network failure
+      // (the server is down) is thrown on, and the client tries again with backoff.
+      if (e instanceof HttpError && e.status >= 400 && e.status < 500) return null;
+      throw e;
     }
   }
 
