@@ -183,13 +183,10 @@ function ago(ms: number): string {
 
 function ContactRow({ k, active, onOpen }: { k: Contact; active: boolean; onOpen: () => void }) {
   const typing = k.typingUntil > Date.now();
-  const sub = typing
-    ? "typing…"
-    : k.presence === "offline"
-      ? k.lastSeen
-        ? `last seen ${ago(k.lastSeen)}`
-        : "offline"
-      : k.details || k.preview || STATUS_LABEL[k.presence];
+  let sub = k.preview ?? STATUS_LABEL.online;
+  if (k.presence === "offline") sub = k.lastSeen ? `last seen ${ago(k.lastSeen)}` : "offline";
+  else if (k.presence !== "online") sub = k.details || STATUS_LABEL[k.presence];
+  if (typing) sub = "typing…";
   return (
     <li
       class={active ? "active" : ""}
