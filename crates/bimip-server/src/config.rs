@@ -57,6 +57,11 @@ impl Config {
     pub fn web_enabled(&self) -> bool {
         self.web.unwrap_or(self.dev)
     }
+
+    /// Whether users may add contacts with their own token.
+    pub fn user_contacts_enabled(&self) -> bool {
+        self.presence.user_contacts.unwrap_or(self.dev)
+    }
 }
 
 /// How tokens are verified. Exactly one key source must be set (SPEC §7).
@@ -164,6 +169,10 @@ pub struct PresenceSettings {
     pub typing_per_second: u32,
     /// Longest custom status text (`details`) in bytes.
     pub max_details_bytes: usize,
+    /// Whether a user's own token may add contacts (`PUT /v1/users/{user}/contacts/{contact}`).
+    /// Adding someone lets the user see their presence under the `contacts` policy, so by
+    /// default only the backend (API key) may; unset: allowed in development mode only.
+    pub user_contacts: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -195,6 +204,7 @@ impl Default for PresenceSettings {
             max_subscriptions: 1000,
             typing_per_second: 5,
             max_details_bytes: 256,
+            user_contacts: None,
         }
     }
 }

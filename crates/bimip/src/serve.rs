@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Who sees whose awareness: contacts | open [default: contacts].
     #[arg(long, env = "BIMIP_PRESENCE_POLICY")]
     presence_policy: Option<bimip_server::config::PresencePolicy>,
+    /// Let users add contacts with their own token, which lets them see the presence of whoever
+    /// they add (on by default only with --dev; otherwise only the API key may add contacts).
+    #[arg(long, env = "BIMIP_USER_CONTACTS", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    user_contacts: Option<bool>,
     /// Delay before a user whose last device left is announced OFFLINE, in ms [default: 2000].
     #[arg(long, env = "BIMIP_PRESENCE_GRACE_MS")]
     presence_grace_ms: Option<u64>,
@@ -355,6 +359,7 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.max_payload_bytes, &a.max_payload_bytes);
     set(&mut c.presence.policy, &a.presence_policy);
     set(&mut c.presence.grace_ms, &a.presence_grace_ms);
+    set_opt(&mut c.presence.user_contacts, &a.user_contacts);
     set_opt(&mut c.tls.cert, &a.tls_cert);
     set_opt(&mut c.tls.key, &a.tls_key);
     set(&mut c.limits.frames_per_second, &a.max_frames_per_second);

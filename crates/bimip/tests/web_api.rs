@@ -52,7 +52,7 @@ async fn set_status(c: &mut bimip_client::Client, a: v1::Awareness) {
 
 #[tokio::test]
 async fn a_users_token_reaches_its_own_routes_and_no_one_elses() {
-    let s = Server::start(&[]);
+    let s = Server::start(&["--user-contacts"]);
     let alice = token("alice", None);
     let bob = token("bob", None);
     let routes = [
@@ -116,7 +116,7 @@ async fn a_users_token_reaches_its_own_routes_and_no_one_elses() {
 
 #[tokio::test]
 async fn contacts_carry_presence_as_the_user_may_see_it() {
-    let s = Server::start(&["--presence-grace-ms", "100"]);
+    let s = Server::start(&["--presence-grace-ms", "100", "--user-contacts"]);
     let alice = token("alice", None);
     let bob = token("bob", None);
     // Both add each other with their own tokens, as the demo does.
@@ -436,4 +436,36 @@ async fn unread_counts_follow_the_cursors() {
     let v = ok(&s, Method::GET, "/v1/users/zoe/unread", &token("zoe", None)).await;
     assert_eq!(v, json!({"unread": [], "total": 0}));
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_add_contacts_with_their_own_token_only_where_allowed() {
+    // Off by default: adding someone would let the user see their presence.
+    let s = Server::start(&[]);
+    let alice = token("alice", None);
+    let (st, v) = call(&s, Method::PUT, "/v1/users/alice/contacts/bob", &alice).await;
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"]["code"], "forbidden");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user_contacts"),
+        "{v}"
+    );
+    // Removing and reading stay the user's own business; the backend may add.
+    ok(&s, Method::DELETE, "/v1/users/alice/contacts/bob", &alice).await;
+    ok(&s, Method::PUT, "/v1/users/alice/contacts/bob", API_KEY).await;
+    let v = ok(&s, Method::GET, "/v1/users/alice/contacts", &alice).await;
+    assert_eq!(contact(&v, "bob")["one_way"], false);
+    drop(s);
+    // Switched on explicitly, and off again even in development mode.
+    let s = Server::start(&["--user-contacts=true"]);
+    ok(
+        &s,
+        Method::PUT,
+        "/v1/users/alice/contacts/bob",
+        &token("alice", None),
+    )
+    .await;
 }

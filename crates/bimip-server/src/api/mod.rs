@@ -397,11 +397,18 @@ pub(crate) fn require_api_key(state: &Shared, headers: &HeaderMap) -> Result<(),
 
 /// Checks a `{user}` route's credentials: the backend's API key, or a client token (JWT) of
 /// that same user. A token of another user is refused with 403.
+/// Who made an HTTP request that names a user: the backend, or that user itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    ApiKey,
+    User,
+}
+
 pub(crate) fn require_user_or_api_key(
     state: &Shared,
     headers: &HeaderMap,
     user: &str,
-) -> Result<(), ApiError> {
+) -> Result<Caller, ApiError> {
     let Some(given) = gateway::bearer_token(headers) else {
         return Err(ApiError::unauthorized(
             "missing credentials: send `Authorization: Bearer <api key or the user's token>`",
@@ -410,7 +417,7 @@ pub(crate) fn require_user_or_api_key(
     if let Some(expected) = state.config.api_key.as_deref()
         && api_key_matches(expected, given)
     {
-        return Ok(());
+        return Ok(Caller::ApiKey);
     }
     let id = state.verifier.verify(given).map_err(|e| {
         state.metrics.auth_failures.inc();
@@ -427,7 +434,7 @@ pub(crate) fn require_user_or_api_key(
             "this token belongs to another user: a user's token reaches only its own data",
         ));
     }
-    Ok(())
+    Ok(Caller::User)
 }
 
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {

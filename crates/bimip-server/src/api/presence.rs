@@ -2,7 +2,7 @@
 //! that user's own token; the others the API key only.
 
 use super::{
-    ApiError, ErrorBody, parse_json, require_api_key, require_user_or_api_key, valid_user,
+    ApiError, Caller, ErrorBody, parse_json, require_api_key, require_user_or_api_key, valid_user,
 };
 use crate::{awareness, state::Shared};
 use axum::{
@@ -314,7 +314,8 @@ pub struct ContactBody {
     one_way: bool,
 }
 
-/// Add or update one contact. Contacts are mutual for presence unless `one_way` is true.
+/// Add or update one contact. Contacts are mutual for presence unless `one_way` is true. With a
+/// user's own token only when `presence.user_contacts` is on (`--dev` or `--user-contacts`).
 #[utoipa::path(put, path = "/v1/users/{user}/contacts/{contact}", request_body(content = ContactBody, description = "optional"),
     params(("user" = String, Path), ("contact" = String, Path)),
     security(("api_key" = []), ("user_token" = [])),
@@ -322,7 +323,7 @@ pub struct ContactBody {
         (status = 200, description = "stored", body = ChangedReply),
         (status = 400, description = "malformed ids or body", body = ErrorBody),
         (status = 401, description = "missing or invalid credentials", body = ErrorBody),
-        (status = 403, description = "a token of another user", body = ErrorBody),
+        (status = 403, description = "a token of another user, or a user's own token while `presence.user_contacts` is off", body = ErrorBody),
     ))]
 pub async fn put_contact(
     State(state): State<Shared>,
@@ -332,7 +333,13 @@ pub async fn put_contact(
 ) -> Result<Json<ChangedReply>, ApiError> {
     valid_user(&user)?;
     valid_user(&contact)?;
-    require_user_or_api_key(&state, &headers, &user)?;
+    let caller = require_user_or_api_key(&state, &headers, &user)?;
+    if caller == Caller::User && !state.config.user_contacts_enabled() {
+        return Err(ApiError::forbidden(
+            "users may not add contacts with their own token on this server \
+             (presence.user_contacts is off): add them from the backend with the API key",
+        ));
+    }
     if user == contact {
         return Err(ApiError::bad_request(
             "a user cannot list itself as a contact",
