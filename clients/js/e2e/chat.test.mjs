@@ -1,7 +1,7 @@
 // The demo chat in a real browser: alice (binary frames) and bob (JSON frames), in two isolated
 // browser contexts, sign in, add each other, chat with delivered/read ticks, see typing, AWAY and
 // invisibility, survive a server restart in the middle without losing or duplicating a message,
-// find their history after a reload, and get an unread count from the ONLINE summary. A screenshot
+// find their history after a reload (in pages), and get an unread count from the ONLINE summary. A screenshot
 // of each step goes to target/e2e-artifacts/. Any page error or console.error fails the test.
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -187,6 +187,27 @@ test("alice and bob chat in the demo, across a server restart", { timeout: 180_0
       await waitStatus(alice.page, "Are you there?", "read");
       await waitStatus(alice.page, "when you are back", "read");
       await sel(bob.page, '[data-testid="contact-alice"][data-unread="0"]');
+    });
+
+    await step("a long history comes in pages of 50, older ones on demand", async () => {
+      for (let i = 1; i <= 50; i++) {
+        await bob.page.fill('[data-testid="compose"]', `Count ${i}.`);
+        await bob.page.press('[data-testid="compose"]', "Enter");
+      }
+      await waitStatus(bob.page, "Count 50.", "read");
+      await alice.page.reload();
+      await sel(alice.page, '[data-testid="conn-state"][data-state="connected"]');
+      await alice.page.click('[data-testid="contact-bob"]');
+      await sel(alice.page, '[data-testid="load-older"]');
+      const bubbles = alice.page.locator('[data-testid="messages"] li[data-testid^="msg-"]');
+      assert.equal(await bubbles.count(), 50, "the newest page");
+      await alice.page.click('[data-testid="load-older"]');
+      await alice.page.waitForSelector('[data-testid="load-older"]', { state: "detached", timeout: T });
+      const texts = await alice.page.locator('[data-testid="messages"] li[data-testid^="msg-"] .text').allTextContents();
+      assert.equal(texts.length, 55, "the whole conversation once");
+      assert.equal(texts[0], "Hello bob");
+      assert.equal(texts[54], "Count 50.");
+      await shot("history-pages");
     });
   } finally {
     for (const u of [alice, bob]) {

@@ -101,11 +101,15 @@ export class Api {
     return call("PUT", `/v1/users/${u(this.user)}/contacts/${u(contact)}`, this.token(), {});
   }
 
-  /** The stored conversation with `contact`, both directions, oldest first. */
+  /**
+   * One page of the stored conversation with `contact`, both directions, sorted oldest first;
+   * `more` when the page stopped at `limit`. `order: "desc"` pages backwards from `fromOffset`
+   * (default: the newest).
+   */
   async messages(
     contact: string,
     o: { fromOffset?: bigint; limit?: number; order?: "asc" | "desc" } = {},
-  ): Promise<StoredMessage[]> {
+  ): Promise<{ list: StoredMessage[]; more: boolean }> {
     const q = new URLSearchParams({ contact, partition: "chat", limit: String(o.limit ?? 50) });
     if (o.fromOffset !== undefined) q.set("from_offset", String(o.fromOffset));
     if (o.order) q.set("order", o.order);
@@ -119,7 +123,8 @@ export class Api {
       timestamp: Number(m.timestamp),
       text: typeof m.text === "string" ? m.text : decodeBase64(m.payload ?? ""),
     }));
-    return list.sort((a, b) => (a.offset < b.offset ? -1 : a.offset > b.offset ? 1 : 0));
+    list.sort((a, b) => (a.offset < b.offset ? -1 : a.offset > b.offset ? 1 : 0));
+    return { list, more: r?.next_offset != null };
   }
 
   /** The user's own stored intent and invisibility. */

@@ -253,13 +253,22 @@ function Conversation({ s, peer }: { s: Session; peer: string }) {
   const end = useRef<HTMLLIElement>(null);
   const msgs = s.messages(peer);
   const k = s.contact(peer);
-  useEffect(() => end.current?.scrollIntoView({ block: "end" }), [msgs.length, peer]);
+  const last = msgs[msgs.length - 1];
+  // Follow the newest message (not older pages loaded at the top).
+  useEffect(() => end.current?.scrollIntoView({ block: "end" }), [last?.from, last?.id, peer]);
   return (
     <section class="chat">
       <h2>
         <span class={`dot ${k.presence}`} /> {peer}
       </h2>
       <ol class="messages" aria-live="polite" data-testid="messages">
+        {s.hasOlder(peer) && (
+          <li class="older">
+            <button type="button" class="link" data-testid="load-older" onClick={() => s.loadHistory(peer, true)}>
+              Earlier messages
+            </button>
+          </li>
+        )}
         {msgs.map((m) => (
           <Bubble m={m} mine={m.from === s.me} />
         ))}

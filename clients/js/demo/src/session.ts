@@ -16,6 +16,8 @@ export interface ChatMessage {
   timestamp: number;
   /** Own messages: the offset in the peer's queue (from the Ack); others: in ours. */
   offset?: bigint;
+  /** The offset in our queue, when known: orders messages with the same timestamp. */
+  seq?: bigint;
   status?: Tick;
 }
 
@@ -35,6 +37,10 @@ interface Conversation {
   /** Highest offset (in our queue) of a message from the peer. */
   lastIncoming: bigint;
   readUpTo: bigint;
+  /** Oldest offset (in our queue) of the history pages loaded so far; 0 before the first. */
+  oldest: bigint;
+  /** Older messages exist before `oldest`. */
+  more: boolean;
 }
 
 export interface SavedSession {
@@ -211,7 +217,7 @@ export class Session {
           // our own message, sent from another tab or device
           this.ingest(m.to, [{ ...msg, status: "acked" }], false);
         } else {
-          this.ingest(m.from, [{ ...msg, offset: m.offset }], true);
+          this.ingest(m.from, [{ ...msg, offset: m.offset, seq: m.offset }], true);
           this.contact(m.from).typingUntil = 0;
         }
         this.changed();
@@ -273,7 +279,7 @@ export class Session {
   conversation(peer: string): Conversation {
     let c = this.convs.get(peer);
     if (!c) {
-      c = { messages: [], keys: new Set(), lastIncoming: 0n, readUpTo: 0n };
+      c = { messages: [], keys: new Set(), lastIncoming: 0n, readUpTo: 0n, oldest: 0n, more: false };
       this.convs.set(peer, c);
     }
     return c;
@@ -303,7 +309,11 @@ export class Session {
       }
     }
     if (!added) return;
-    conv.messages.sort((a, b) => a.timestamp - b.timestamp);
+    conv.messages.sort(
+      (a, b) =>
+        a.timestamp - b.timestamp ||
+        (a.seq !== undefined && b.seq !== undefined ? (a.seq < b.seq ? -1 : a.seq > b.seq ? 1 : 0) : 0),
+    );
     const last = conv.messages[conv.messages.length - 1];
     k.preview = last ? (last.from === this.me ? "You: " : "") + last.text : undefined;
     if (conv.lastIncoming > 0n) this.client.markDelivered(peer, conv.lastIncoming);
@@ -319,6 +329,7 @@ export class Session {
       timestamp: m.timestamp,
       // receipts for our own messages refer to offsets in the peer's queue
       offset: m.from === this.me ? m.peerOffset : m.offset,
+      seq: m.offset,
       status: m.from === this.me ? ("acked" as Tick) : undefined,
     }));
   }
@@ -326,7 +337,7 @@ export class Session {
   /** Fetches what the summary says is waiting from `peer`; it counts as unread. */
   private async catchUp(peer: string, from: bigint): Promise<void> {
     try {
-      const list = await this.api.messages(peer, { fromOffset: from, limit: 1000, order: "asc" });
+      const { list } = await this.api.messages(peer, { fromOffset: from, limit: 1000, order: "asc" });
       this.ingest(peer, this.fromStore(peer, list), true);
       this.changed();
     } catch (e) {
@@ -334,15 +345,30 @@ export class Session {
     }
   }
 
-  /** The newest page of the conversation. */
-  async loadHistory(peer: string): Promise<void> {
+  /** The newest page of the conversation (`older`: the page before the oldest one loaded). */
+  async loadHistory(peer: string, older = false): Promise<void> {
+    const conv = this.conversation(peer);
+    if (older && conv.oldest <= 1n) return;
     try {
-      const list = await this.api.messages(peer, { limit: 50, order: "desc" });
+      const { list, more } = await this.api.messages(peer, {
+        limit: 50,
+        order: "desc",
+        fromOffset: older ? conv.oldest - 1n : undefined,
+      });
       this.ingest(peer, this.fromStore(peer, list), false);
+      const first = list[0];
+      if (first && (conv.oldest === 0n || first.offset < conv.oldest)) {
+        conv.oldest = first.offset;
+        conv.more = more;
+      }
       this.changed();
     } catch (e) {
       this.fail(e);
     }
+  }
+
+  hasOlder(peer: string): boolean {
+    return this.convs.get(peer)?.more ?? false;
   }
 
   private markReadIfOpen(peer: string): void {
