@@ -4,7 +4,7 @@
 // find their history after a reload (in pages), and get an unread count from the ONLINE summary. A screenshot
 // of each step goes to target/e2e-artifacts/. Any page error or console.error fails the test.
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -13,6 +13,9 @@ import { ARTIFACTS, launchBrowser, newUserPage, startServer } from "./harness.mj
 const T = 15_000; // default wait for a UI change
 
 test("alice and bob chat in the demo, across a server restart", { timeout: 180_000 }, async (t) => {
+  // This run's screenshots, log and traces only.
+  mkdirSync(ARTIFACTS, { recursive: true });
+  for (const f of readdirSync(ARTIFACTS)) if (f.startsWith("chat-")) rmSync(join(ARTIFACTS, f));
   const dataDir = mkdtempSync(join(tmpdir(), "bimip-e2e-"));
   let server = await startServer({ dataDir, logName: "chat-server.log" });
   const browser = await launchBrowser();
