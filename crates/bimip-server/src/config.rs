@@ -46,7 +46,7 @@ pub struct Config {
     pub repair: bool,
 }
 
-/// How tokens are verified. Exactly one key source must be set (SPEC §7).
+/// How tokens are verified. Exactly one key source must be set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
@@ -135,7 +135,7 @@ pub struct TlsSettings {
     pub key: Option<PathBuf>,
 }
 
-/// Who may see whom, and the limits of the awareness features (SPEC §2).
+/// Who may see whom, and the limits of the awareness features (docs/PROTOCOL.md §13).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceSettings {
