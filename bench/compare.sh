@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: bimip's scenarios at the sizes of the peers' table
-# (shared/peers/RESULTS.md), optionally the peers' own suites (ejabberd, mosquitto) in the same
-# run, then one markdown table with ratios.
+# Side-by-side benchmark: bimip's scenarios at the sizes used for the peer servers (listed in
+# docs/BENCHMARKS.md), optionally the peers' own suites (ejabberd, mosquitto) in the same run, then
+# one markdown table with ratios.
 #
 # usage: bench/compare.sh [--peers] [--quick] [--no-build] [--out DIR]
 #   --peers     also run ejabberd and mosquitto (installed from Debian if missing) with the
-#               peers' drivers in ../shared/peers; otherwise their figures come from
-#               ../shared/peers/results/*.jsonl (RESULTS.md), measured earlier
+#               peers' drivers from PEERS_DIR, an optional peer suite kept outside this
+#               repository; otherwise their figures come from PEERS_DIR/results/*.jsonl if that
+#               folder exists, and the table shows bimip alone if it does not
 #   --quick     small sizes (a minute or so), to check the pipeline
 #   --no-build  use target/release/bimip as it is
 #   --out DIR   where the JSON lines and the table go [bench/results]
@@ -117,7 +118,7 @@ if [ $RUN_PEERS = 1 ]; then
   NOTE="peers measured in this run"
 else
   PEER_FILES=("$PEERS_DIR/results/ejabberd.jsonl" "$PEERS_DIR/results/mosquitto.jsonl")
-  NOTE="peers' figures from ../shared/peers/results (RESULTS.md), not from this run"
+  NOTE="peers' figures from ${PEERS_DIR#"$ROOT"/}/results, measured earlier, not in this run"
 fi
 
 TABLE=$OUT/compare-$STAMP.md

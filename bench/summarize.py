@@ -4,7 +4,8 @@
 usage: summarize.py BIMIP.jsonl [PEER.jsonl ...] [--servers bimip,ejabberd,mosquitto]
 
 Every file holds one JSON object per line, as written by `bimip bench` and by the peers' drivers
-(shared/peers/load/bench_*.py): the keys are the same where the scenarios overlap. For each server
+(an optional peer suite outside this repository): the keys are the same where the scenarios
+overlap. Files that cannot be read are skipped. For each server
 and scenario size the last line wins. Ratios are "peer / bimip" for costs (latency, CPU, memory,
 time) and "bimip / peer" for rates (msg/s, logins/s), shown on the peer's row as "bimip advantage":
 > 1× means bimip is better.

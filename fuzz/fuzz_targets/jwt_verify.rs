@@ -1,4 +1,4 @@
-//! Token verification (SPEC §7) with a fixed HS256 secret must never panic, whatever the client
+//! Token verification (docs/PROTOCOL.md §1.1) with a fixed HS256 secret must never panic, whatever the client
 //! sends, and must only ever accept a token whose `sub` (and `device`, if any) are valid ids.
 //!
 //! The first input byte picks the mode: even — the rest is the token as the client sent it

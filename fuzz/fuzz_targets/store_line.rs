@@ -1,4 +1,4 @@
-//! Store lines (SPEC §6.1): the line decoder never panics on arbitrary bytes, for every record
+//! Store lines (docs/ARCHITECTURE.md, "Files"): the line decoder never panics on arbitrary bytes, for every record
 //! type; a line that passes base64 + CRC is exactly the canonical encoding of its payload, and a
 //! decoded record re-encodes to a line that decodes to the same record.
 #![no_main]

@@ -1,4 +1,4 @@
-//! User ids become folder and file names in the store (SPEC §1): whatever `validate_user_id`
+//! User ids become folder and file names in the store (docs/PROTOCOL.md §12): whatever `validate_user_id`
 //! accepts must be safe as a path component.
 #![no_main]
 

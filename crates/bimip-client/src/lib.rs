@@ -1,4 +1,4 @@
-//! Rust client for bimip (SPEC §3): opens the WebSocket, checks the `Welcome`, sends frames with
+//! Rust client for bimip (docs/PROTOCOL.md): opens the WebSocket, checks the `Welcome`, sends frames with
 //! correlation ids and reads frames in either subprotocol. Used by the CLI, the integration tests
 //! and the benchmark. [`token`] mints development JWTs.
 
@@ -203,7 +203,7 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-        // Without a negotiated subprotocol the server speaks binary (SPEC §3).
+        // Without a negotiated subprotocol the server speaks binary (docs/PROTOCOL.md §1.3).
         let negotiated = resp
             .headers()
             .get(header::SEC_WEBSOCKET_PROTOCOL)

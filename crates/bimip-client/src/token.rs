@@ -1,4 +1,4 @@
-//! Minting JWTs the server accepts (SPEC §7): HS256 with a shared secret, or RS256/ES256 with a
+//! Minting JWTs the server accepts (docs/PROTOCOL.md §1.1): HS256 with a shared secret, or RS256/ES256 with a
 //! PEM private key. Meant for development, tests and the benchmark.
 
 use crate::ClientError;

@@ -1,5 +1,5 @@
 //! Identifier rules. User ids become folder and file names in the store, so the charset is strict
-//! (SPEC §1): `[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}` — no `/`, no NUL, no leading dot.
+//! (docs/PROTOCOL.md §12): `[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}` — no `/`, no NUL, no leading dot.
 
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +50,7 @@ fn check_charset(what: &'static str, s: &str, max: usize) -> Result<(), IdError>
     Ok(())
 }
 
-/// Checks a user id against the charset of SPEC §1.
+/// Checks a user id against the charset above.
 pub fn validate_user_id(s: &str) -> Result<(), IdError> {
     check_charset("user id", s, MAX_USER_ID)
 }

@@ -8,13 +8,13 @@ pub mod ids;
 /// Generated code, nested like the protobuf packages so cross-package references resolve.
 #[allow(clippy::all, missing_docs)]
 pub mod bimip {
-    /// `bimip.v1`: the wire schema of SPEC §3.
+    /// `bimip.v1`: the wire schema (docs/PROTOCOL.md).
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/bimip.v1.rs"));
         include!(concat!(env!("OUT_DIR"), "/bimip.v1.serde.rs"));
     }
     pub mod store {
-        /// `bimip.store.v1`: the records of the embedded file store (SPEC §6.1).
+        /// `bimip.store.v1`: the records of the embedded file store (docs/ARCHITECTURE.md).
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/bimip.store.v1.rs"));
             include!(concat!(env!("OUT_DIR"), "/bimip.store.v1.serde.rs"));

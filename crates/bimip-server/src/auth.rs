@@ -1,4 +1,4 @@
-//! Token verification for WebSocket upgrades (SPEC §7): HS256, RS256 or ES256 with the algorithm
+//! Token verification for WebSocket upgrades (docs/PROTOCOL.md §1.1): HS256, RS256 or ES256 with the algorithm
 //! pinned by configuration — `none` and algorithm confusion are refused by construction, `exp` is
 //! required, `iss`/`aud` are checked when configured, and `sub` must be a valid user id.
 

@@ -1,4 +1,4 @@
-//! Awareness (SPEC §2): who sees whom, and the broadcasts of device state (ONLINE/OFFLINE),
+//! Awareness (docs/PROTOCOL.md §13): who sees whom, and the broadcasts of device state (ONLINE/OFFLINE),
 //! intent (AWAY/BUSY/DND), TYPING/RECORDING and invisibility.
 //!
 //! Watchers come from the durable profile (contacts and blocks, `bimip_store::ProfileStore`);

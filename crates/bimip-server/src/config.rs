@@ -64,7 +64,7 @@ impl Config {
     }
 }
 
-/// How tokens are verified. Exactly one key source must be set (SPEC §7).
+/// How tokens are verified. Exactly one key source must be set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
@@ -153,7 +153,7 @@ pub struct TlsSettings {
     pub key: Option<PathBuf>,
 }
 
-/// Who may see whom, and the limits of the awareness features (SPEC §2).
+/// Who may see whom, and the limits of the awareness features (docs/PROTOCOL.md §13).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceSettings {

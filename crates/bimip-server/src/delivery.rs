@@ -1,5 +1,5 @@
 //! The send and receipt paths shared by the WebSocket gateway and the HTTP API: validate, store
-//! durably, then deliver in real time (SPEC §3 "Send" and "Delivered / read").
+//! durably, then deliver in real time (docs/PROTOCOL.md §5 and §6).
 
 pub use crate::error::Refused;
 use crate::{hub::StoredItem, sessions::Outbound, state::Shared, webhooks::EventType};
@@ -34,7 +34,7 @@ pub struct SendRequest {
 }
 
 impl SendRequest {
-    /// Checks what the client controls (SPEC §3): recipient charset, id, payload size, partition.
+    /// Checks what the client controls: recipient charset, id, payload size, partition.
     pub fn validate(&self, max_payload: usize) -> Result<(), Refused> {
         bimip_proto::validate_user_id(&self.to)
             .map_err(|e| Refused::bad(format!("invalid recipient: {e}")))?;

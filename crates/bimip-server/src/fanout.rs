@@ -1,4 +1,4 @@
-//! The ONLINE fan-out (SPEC §2): what a device receives right after `Welcome` — pending
+//! The ONLINE fan-out (docs/PROTOCOL.md §4): what a device receives right after `Welcome` — pending
 //! notifications in full, a per-sender summary of pending chat messages, and pending receipts
 //! (cumulative per peer and kind).
 

@@ -1,5 +1,5 @@
 //! Who is connected: user → devices → connection handles, sharded by user so that no single lock
-//! serializes the server. Also the multi-device rollup of SPEC §2: a user is ONLINE while any
+//! serializes the server. Also the multi-device rollup: a user is ONLINE while any
 //! device is connected and OFFLINE (with `last_seen`) when the last one goes.
 //!
 //! Locks here are `std::sync::Mutex`es held only for map updates and non-blocking `try_send`s,

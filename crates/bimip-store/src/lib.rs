@@ -1,7 +1,7 @@
-//! bimip's durable per-user queue (the seed's BimipQueue) and per-device cursors (BimipQueueIndex).
+//! bimip's durable per-user queue and per-device cursors.
 //!
-//! [`Store`] is what the server talks to; today it has one backend, the embedded file store of
-//! SPEC §6.1 ([`FileStore`]), and a Redis backend will join it as another variant with the same
+//! [`Store`] is what the server talks to; today it has one backend, the embedded file store
+//! ([`FileStore`], docs/ARCHITECTURE.md "The store"), and a Redis backend will join it as another variant with the same
 //! semantics. Every operation is scoped to one user's queue; all operations on one user are applied
 //! in the order they were enqueued (see [`Store::enqueue_append`]). Next to the queue, each user
 //! has a profile (contacts, blocks, intent, invisibility, last seen): see [`ProfileStore`]. The
@@ -88,7 +88,7 @@ pub trait QueueStore: Send + Sync {
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// Per-user profiles (SPEC §2): contacts, blocks, intent, invisibility and last seen.
+/// Per-user profiles: contacts, blocks, intent, invisibility and last seen.
 ///
 /// Relations have two sides kept by different users (`A.contacts[B]` and `B.listed_by[A]`,
 /// `A.blocks ∋ B` and `B.blocked_by ∋ A`), possibly on different shards. A change is applied one

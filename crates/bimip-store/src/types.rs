@@ -152,7 +152,7 @@ pub struct SenderPending {
     pub last: Item,
 }
 
-/// What a connecting device is owed (SPEC §2, ONLINE fan-out).
+/// What a connecting device is owed (the ONLINE fan-out, docs/PROTOCOL.md §4).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PendingForDevice {
     /// Unacknowledged notification items, in offset order.
@@ -190,7 +190,7 @@ impl<T> Pending<T> {
     }
 }
 
-/// One user's profile (SPEC §2): contact lists in both directions, blocks in both directions,
+/// One user's profile: contact lists in both directions, blocks in both directions,
 /// intent, invisibility and last seen, decoded from `bimip_profile_<user>.dat`.
 ///
 /// The reverse sides (`listed_by`, `blocked_by`) are maintained by the store together with the

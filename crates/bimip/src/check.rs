@@ -1,4 +1,4 @@
-//! `bimip check`: verifies every user's files in a data dir (SPEC §6.1) and, with `--repair`,
+//! `bimip check`: verifies every user's files in a data dir (docs/OPERATIONS.md §6) and, with `--repair`,
 //! fixes what start-up recovery would (torn tails cut, bad lines dropped with the original kept
 //! aside as `.corrupt-<unix_ms>`, corrupt profiles moved aside). Exits with 1 while problems
 //! remain.

@@ -1,4 +1,4 @@
-//! Awareness end to end (SPEC §2): watchers and policies, intent, typing, invisibility, blocks,
+//! Awareness end to end (docs/PROTOCOL.md §13): watchers and policies, intent, typing, invisibility, blocks,
 //! the grace period, and the presence/contacts HTTP API.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,4 +1,4 @@
-//! What is on disk and what survives: the seed's file layout byte for byte, torn-tail recovery,
+//! What is on disk and what survives: the file layout and line format byte for byte, torn-tail recovery,
 //! refusal of mid-file corruption, and no acknowledged message lost to `kill -9`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,4 +1,4 @@
-//! The embedded file store (SPEC §6.1): per-user append-only files of Base64 lines
+//! The embedded file store (docs/ARCHITECTURE.md, "The store"): per-user append-only files of Base64 lines
 //! ([`record`]), decoded lazily into per-user state ([`queue`]) owned by writer threads
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]). Next to the users, the
 //! push store (`push`): one in-memory state with its own writer, snapshots and logs.

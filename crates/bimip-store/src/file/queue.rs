@@ -87,7 +87,7 @@ pub(crate) struct UserQueue {
     compact_blocked_until: i64,
 }
 
-/// What compaction may drop (SPEC §6.1).
+/// What compaction may drop (docs/OPERATIONS.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
     /// Acknowledged items older than this (ms) are dropped; 0 = kept forever.

@@ -1,4 +1,4 @@
-//! The line format of both store files (SPEC §6.1): standard padded Base64 of
+//! The line format of both store files (docs/ARCHITECTURE.md, "Files"): standard padded Base64 of
 //! (protobuf bytes ‖ CRC-32C of those bytes, little-endian), then `\n`.
 
 use base64::Engine;

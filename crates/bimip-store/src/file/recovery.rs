@@ -1,4 +1,4 @@
-//! Start-up recovery (SPEC §6.1): every user's files are decoded once; a torn or corrupt last line
+//! Start-up recovery (docs/OPERATIONS.md §6): every user's files are decoded once; a torn or corrupt last line
 //! is cut off, corruption before it refuses the start unless `repair` rewrites the file. Also the
 //! lazy load of one user's state and the read-only `inspect_user`.
 

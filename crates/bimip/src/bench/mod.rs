@@ -1,4 +1,4 @@
-//! `bimip bench`: the load generator (SPEC §8). Scenarios match the peers' drivers so the numbers
+//! `bimip bench`: the load generator (docs/BENCHMARKS.md). Scenarios match the peers' drivers so the numbers
 //! are comparable: chat, offline, idle, presence, plus a mixed blend. Each run prints a table and
 //! appends one JSON line (the peers' keys where they overlap) to `--results`.
 
