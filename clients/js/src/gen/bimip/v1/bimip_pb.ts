@@ -1,6 +1,7 @@
 // bimip.v1 — the wire protocol between clients and the bimip server.
 //
-// This file is the contract (SPEC §3): field names, numbers and enum values must not change.
+// This file is the contract (described for client authors in docs/PROTOCOL.md): field names,
+// numbers and enum values must not change.
 // New fields may be added with new numbers. Fields marked "server" are set by the server and
 // ignored when a client sends them: identity always comes from the token, never from a frame.
 
