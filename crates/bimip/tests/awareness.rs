@@ -472,14 +472,7 @@ async fn presence_and_contacts_over_http_with_bad_input() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let spec: Value = http()
-        .get(s.http("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = openapi(&s).await;
     for p in [
         "/v1/presence/query",
         "/v1/users/{user}/contacts",

@@ -306,14 +306,7 @@ async fn kick_closes_one_device_and_an_expired_token_closes_its_connection() {
         bimip_proto::Body::Pong(_)
     ));
     // Both routes are in the OpenAPI document.
-    let spec: serde_json::Value = http()
-        .get(s.http("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = openapi(&s).await;
     assert!(spec["paths"]["/v1/users/{user}/revoke"]["post"].is_object());
     assert!(spec["paths"]["/v1/users/{user}/devices/{device}/kick"]["post"].is_object());
     // A token that expires while connected closes the connection.
@@ -327,7 +320,6 @@ async fn kick_closes_one_device_and_an_expired_token_closes_its_connection() {
 
 #[tokio::test]
 async fn secrets_and_tokens_never_appear_in_debug_logs() {
-    use std::io::Read;
     let data = tempfile::tempdir().unwrap();
     let secret = "log-secret-0123456789-SHOULD-NOT-LEAK";
     let api_key = "api-key-SHOULD-NOT-LEAK-42";
@@ -380,17 +372,7 @@ async fn secrets_and_tokens_never_appear_in_debug_logs() {
     }
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let _ = child.wait();
+    let err = terminate_and_read_stderr(&mut child);
     assert!(err.contains("DEBUG"), "debug logging was on: {err}");
     for (what, s) in [
         ("JWT secret", secret),

@@ -8,7 +8,7 @@ use bimip_client::{Client, ClientError, ConnectOptions};
 use common::*;
 use serde_json::{Value, json};
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -339,17 +339,7 @@ async fn a_query_token_never_appears_in_the_log() {
         Err(ClientError::Closed(_))
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    let _ = child.wait();
+    let log = terminate_and_read_stderr(&mut child);
     assert!(log.contains("TRACE"), "trace logging was on: {log}");
     for (what, t) in [
         ("token", &good),

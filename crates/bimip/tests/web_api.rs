@@ -88,14 +88,7 @@ async fn a_users_token_reaches_its_own_routes_and_no_one_elses() {
         assert_eq!(st, 401, "{m} {path}: {v}");
     }
     // All of them are in the OpenAPI document, with the user's token as an option.
-    let spec: Value = http()
-        .get(s.http("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = openapi(&s).await;
     for (m, p) in [
         ("get", "/v1/users/{user}/contacts"),
         ("put", "/v1/users/{user}/contacts/{contact}"),

@@ -417,3 +417,29 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The server's OpenAPI document.
+pub async fn openapi(s: &Server) -> serde_json::Value {
+    http()
+        .get(s.http("/openapi.json"))
+        .send()
+        .await
+        .expect("GET /openapi.json")
+        .json()
+        .await
+        .expect("OpenAPI JSON")
+}
+
+/// Stops a server started by hand with SIGTERM and returns everything it wrote to stderr.
+pub fn terminate_and_read_stderr(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    err
+}
