@@ -20,6 +20,15 @@ pub enum IdError {
         found: char,
         at: usize,
     },
+    /// Message ids accept any UTF-8 but control characters, so the charset above does not apply.
+    #[error(
+        "{what} contains the control character {found:?} at byte {at}; any other UTF-8 is allowed"
+    )]
+    ControlChar {
+        what: &'static str,
+        found: char,
+        at: usize,
+    },
 }
 
 const MAX_USER_ID: usize = 128;
@@ -74,7 +83,7 @@ pub fn validate_message_id(s: &str) -> Result<(), IdError> {
         });
     }
     if let Some((at, c)) = s.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(IdError::BadChar {
+        return Err(IdError::ControlChar {
             what: "message id",
             found: c,
             at,
@@ -87,6 +96,17 @@ pub fn validate_message_id(s: &str) -> Result<(), IdError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_message_id_refusal_names_its_own_rule() {
+        let Err(e) = validate_message_id("a\u{7}b") else {
+            panic!("a control character in a message id was accepted");
+        };
+        let e = e.to_string();
+        assert!(e.contains("control character"), "{e}");
+        assert!(!e.contains("A-Z"), "{e}");
+        assert!(validate_message_id("héllo wörld 👋").is_ok());
+    }
 
     #[test]
     fn accepts_the_spec_charset() {

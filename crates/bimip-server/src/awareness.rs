@@ -411,11 +411,14 @@ pub async fn subscribe(
     user: &Arc<str>,
     conn: &ConnHandle,
     subscribed: &mut BTreeSet<String>,
-    s: v1::Subscribe,
+    mut s: v1::Subscribe,
 ) -> Result<(Vec<v1::Awareness>, Option<Refused>), Refused> {
     for u in &s.users {
         bimip_proto::validate_user_id(u).map_err(|e| Refused::bad(format!("users: {e}")))?;
     }
+    // A name listed twice counts once against the limit and gets one snapshot.
+    let mut seen = BTreeSet::new();
+    s.users.retain(|u| seen.insert(u.clone()));
     if s.unsubscribe {
         for u in &s.users {
             if subscribed.remove(u) {

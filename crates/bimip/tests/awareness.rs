@@ -141,6 +141,14 @@ async fn open_policy_subscribers_get_snapshots_and_changes() {
     let none = awareness(&mut fan, "nobody", Status::Offline).await;
     assert_eq!(none.last_seen, 0);
     ack(&mut fan, r).await;
+    // A name listed twice gets one snapshot.
+    let r = fan
+        .subscribe(vec!["zed".into(), "zed".into()], false)
+        .await
+        .unwrap();
+    awareness(&mut fan, "zed", Status::Online).await;
+    ack(&mut fan, r).await;
+    silent_about(&mut fan, "zed", 200).await;
     set_status(&mut zed, Status::Away, "").await;
     awareness(&mut fan, "zed", Status::Away).await;
     drop(zed);
@@ -276,6 +284,30 @@ async fn typing_reaches_only_the_peers_devices_and_is_rate_limited() {
     }
     silent_about(&mut tom2, "tom", 200).await;
     silent_about(&mut other, "tom", 100).await;
+    // Frames refused for a bad peer id do not use up the allowance of 5 per second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..8 {
+        let r = tom
+            .awareness(v1::Awareness {
+                to: "".into(),
+                status: Status::Typing as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        match answer(&mut tom, r).await {
+            Body::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest as i32, "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+    tom.awareness(v1::Awareness {
+        to: "una".into(),
+        status: Status::Typing as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    awareness(&mut una1, "tom", Status::Typing).await;
     // Past 5 per second: RATE_LIMITED, and the connection stays.
     let mut limited = false;
     for _ in 0..12 {

@@ -22,6 +22,11 @@ pub(super) async fn awareness(c: &mut Conn, r: u64, a: v1::Awareness) -> Result<
             }
         }
         Ok(s @ (Status::Typing | Status::Recording)) => {
+            // A frame refused for its peer id does not use up the connection's TYPING allowance.
+            if let Err(e) = bimip_proto::validate_user_id(&a.to) {
+                let message = format!("{s:?} needs the peer in `to`: {e}");
+                return c.refuse(r, Refused::bad(message)).await;
+            }
             if !c.typing.take() {
                 let message = format!(
                     "at most {} TYPING/RECORDING frames per second",
