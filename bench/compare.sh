@@ -5,8 +5,8 @@
 #
 # usage: bench/compare.sh [--peers] [--quick] [--no-build] [--out DIR]
 #   --peers     also run ejabberd and mosquitto (installed from Debian if missing) with the
-#               peers' drivers from PEERS_DIR, an optional peer suite kept outside this
-#               repository; otherwise their figures come from PEERS_DIR/results/*.jsonl if that
+#               peers' drivers from $BIMIP_PEERS_DIR, an optional peer suite kept outside this
+#               repository; otherwise their figures come from $BIMIP_PEERS_DIR/results/*.jsonl if that
 #               folder exists, and the table shows bimip alone if it does not
 #   --quick     small sizes (a minute or so), to check the pipeline
 #   --no-build  use target/release/bimip as it is
@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PEERS_DIR=$ROOT/../shared/peers
+PEERS_DIR=${BIMIP_PEERS_DIR:-$ROOT/../shared/peers}
 RUN_PEERS=0; QUICK=0; BUILD=1; OUT=$ROOT/bench/results
 while [ $# -gt 0 ]; do
   case "$1" in
