@@ -48,6 +48,21 @@ struct State {
     window_ends: BTreeSet<(i64, String)>,
 }
 
+impl State {
+    /// Files a job as waiting for its due time (not in flight).
+    fn insert_waiting(&mut self, job: OutboxJob) {
+        self.due[kind(&job)].insert((job.due_at, job.id));
+        self.jobs.insert(
+            job.id,
+            Entry {
+                job,
+                in_flight: false,
+                merged_in_flight: false,
+            },
+        );
+    }
+}
+
 /// What to persist after a change made under the lock.
 #[derive(Default)]
 struct Changes {
@@ -113,15 +128,7 @@ impl Outbox {
             {
                 state.by_key.insert(p.coalesce_key.clone(), job.id);
             }
-            state.due[kind(&job)].insert((job.due_at, job.id));
-            state.jobs.insert(
-                job.id,
-                Entry {
-                    job,
-                    in_flight: false,
-                    merged_in_flight: false,
-                },
-            );
+            state.insert_waiting(job);
         }
         Ok(Outbox {
             state: Mutex::new(state),
@@ -164,19 +171,7 @@ impl Outbox {
         job.id = self.new_id();
         job.version = 1;
         let id = job.id;
-        let due = job.due_at;
-        {
-            let mut st = self.lock();
-            st.due[kind(&job)].insert((due, id));
-            st.jobs.insert(
-                id,
-                Entry {
-                    job: job.clone(),
-                    in_flight: false,
-                    merged_in_flight: false,
-                },
-            );
-        }
+        self.lock().insert_waiting(job.clone());
         self.wake.notify_one();
         Box::pin(self.persist(Changes {
             put: vec![job],
@@ -238,15 +233,7 @@ impl Outbox {
                 if !key.is_empty() {
                     st.by_key.insert(key, id);
                 }
-                st.due[PUSH].insert((due_at, id));
-                st.jobs.insert(
-                    id,
-                    Entry {
-                        job: job.clone(),
-                        in_flight: false,
-                        merged_in_flight: false,
-                    },
-                );
+                st.insert_waiting(job.clone());
                 changes.put.push(job);
                 Coalesced::Created
             }
