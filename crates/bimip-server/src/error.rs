@@ -34,6 +34,14 @@ impl From<StoreError> for Refused {
                 tracing::error!(error = %e, "store write failed");
                 Refused::new(ErrorCode::Unavailable, "storage unavailable, retry later")
             }
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                Refused::new(ErrorCode::Unavailable, "storage unavailable, retry later")
+            }
+            StoreError::Internal(_) => {
+                tracing::error!(error = %e, "store error");
+                Refused::new(ErrorCode::Internal, "storage error")
+            }
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "store corruption");
                 Refused::new(ErrorCode::Internal, "storage error")

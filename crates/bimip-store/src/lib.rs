@@ -11,6 +11,7 @@
 pub mod error;
 pub mod file;
 pub mod push;
+pub mod redis;
 pub mod types;
 
 pub use error::StoreError;
@@ -21,6 +22,7 @@ pub use file::{
     user_dir,
 };
 pub use push::{PushStore, SenderUnread, TokenMatch, Unread};
+pub use redis::{RedisConfig, RedisStore};
 pub use types::*;
 
 use std::future::Future;

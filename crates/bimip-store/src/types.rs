@@ -174,19 +174,39 @@ pub struct Compaction {
     pub kept: u64,
 }
 
-/// The result of an operation that is queued now and finishes later.
+/// The result of an operation that is queued now and finishes later. Backend-neutral: the file
+/// store hands out one fed by its writer thread, a backend whose answer already means "durable"
+/// (Redis with `appendfsync always`) hands out one that is ready.
 pub struct Pending<T> {
-    pub(crate) rx: oneshot::Receiver<Result<T, StoreError>>,
+    state: PendingState<T>,
+}
+
+enum PendingState<T> {
+    Ready(Result<T, StoreError>),
+    Channel(oneshot::Receiver<Result<T, StoreError>>),
 }
 
 impl<T> Pending<T> {
+    /// Finishes when the writer sends the result (a dropped sender means the store shut down).
     pub fn new(rx: oneshot::Receiver<Result<T, StoreError>>) -> Self {
-        Pending { rx }
+        Pending {
+            state: PendingState::Channel(rx),
+        }
+    }
+
+    /// Already finished.
+    pub fn ready(result: Result<T, StoreError>) -> Self {
+        Pending {
+            state: PendingState::Ready(result),
+        }
     }
 
     /// Waits for the operation to finish.
     pub async fn wait(self) -> Result<T, StoreError> {
-        self.rx.await.unwrap_or(Err(StoreError::Closed))
+        match self.state {
+            PendingState::Ready(r) => r,
+            PendingState::Channel(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
+        }
     }
 }
 

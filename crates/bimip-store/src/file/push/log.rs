@@ -102,6 +102,8 @@ fn copy_err(e: &StoreError) -> StoreError {
         StoreError::InvalidUser(u) => StoreError::InvalidUser(u.clone()),
         StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
         StoreError::Closed => StoreError::Closed,
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Internal(s) => StoreError::Internal(s.clone()),
     }
 }
 
