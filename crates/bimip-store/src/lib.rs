@@ -1,8 +1,8 @@
 //! bimip's durable per-user queue and per-device cursors.
 //!
-//! [`Store`] is what the server talks to; today it has one backend, the embedded file store
-//! ([`FileStore`], docs/ARCHITECTURE.md "The store"), and a Redis backend will join it as another variant with the same
-//! semantics. Every operation is scoped to one user's queue; all operations on one user are applied
+//! [`Store`] is what the server talks to, with two backends of the same semantics: the embedded
+//! file store ([`FileStore`], docs/ARCHITECTURE.md "The store"), the default, and Redis
+//! ([`RedisStore`]), which lets several nodes share one user base. Every operation is scoped to one user's queue; all operations on one user are applied
 //! in the order they were enqueued (see [`Store::enqueue_append`]). Next to the queue, each user
 //! has a profile (contacts, blocks, intent, invisibility, last seen): see [`ProfileStore`]. The
 //! push pipeline's durable state (device tokens, mutes, the outbox, dead letters, idempotency
@@ -31,6 +31,7 @@ use std::future::Future;
 #[derive(Clone)]
 pub enum Store {
     File(FileStore),
+    Redis(RedisStore),
 }
 
 /// The contract every backend implements. Offsets are per user queue, start at 1, never repeat and
@@ -162,6 +163,7 @@ impl QueueStore for Store {
     ) -> Result<Pending<Appended>, StoreError> {
         match self {
             Store::File(s) => s.enqueue_append(user, item).await,
+            Store::Redis(s) => s.enqueue_append(user, item).await,
         }
     }
     async fn enqueue_append_with_copy(
@@ -172,31 +174,37 @@ impl QueueStore for Store {
     ) -> Result<(Pending<Appended>, Pending<Appended>), StoreError> {
         match self {
             Store::File(s) => s.enqueue_append_with_copy(user, item, copy).await,
+            Store::Redis(s) => s.enqueue_append_with_copy(user, item, copy).await,
         }
     }
     async fn acknowledge(&self, user: &str, req: AckRequest) -> Result<AckOutcome, StoreError> {
         match self {
             Store::File(s) => s.acknowledge(user, req).await,
+            Store::Redis(s) => s.acknowledge(user, req).await,
         }
     }
     async fn read(&self, user: &str, req: ReadRequest) -> Result<ReadBatch, StoreError> {
         match self {
             Store::File(s) => s.read(user, req).await,
+            Store::Redis(s) => s.read(user, req).await,
         }
     }
     async fn pending(&self, user: &str, device: &str) -> Result<PendingForDevice, StoreError> {
         match self {
             Store::File(s) => s.pending(user, device).await,
+            Store::Redis(s) => s.pending(user, device).await,
         }
     }
     async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
         match self {
             Store::File(s) => s.unread(user).await,
+            Store::Redis(s) => s.unread(user).await,
         }
     }
     async fn shutdown(&self) {
         match self {
             Store::File(s) => s.shutdown().await,
+            Store::Redis(s) => s.shutdown().await,
         }
     }
 }
@@ -208,6 +216,7 @@ impl PushStore for Store {
     ) -> Result<Vec<(String, String)>, StoreError> {
         match self {
             Store::File(s) => s.put_device_token(token).await,
+            Store::Redis(s) => s.put_device_token(token).await,
         }
     }
     async fn remove_device_token(
@@ -218,71 +227,85 @@ impl PushStore for Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::File(s) => s.remove_device_token(user, device, only_if).await,
+            Store::Redis(s) => s.remove_device_token(user, device, only_if).await,
         }
     }
     async fn device_tokens(&self, user: &str) -> Result<Vec<push::DeviceToken>, StoreError> {
         match self {
             Store::File(s) => s.device_tokens(user).await,
+            Store::Redis(s) => s.device_tokens(user).await,
         }
     }
     async fn has_device_tokens(&self, user: &str) -> bool {
         match self {
             Store::File(s) => s.has_device_tokens(user).await,
+            Store::Redis(s) => s.has_device_tokens(user).await,
         }
     }
     async fn note_pushed(&self, user: &str, device: &str, at: i64) {
         match self {
             Store::File(s) => s.note_pushed(user, device, at).await,
+            Store::Redis(s) => s.note_pushed(user, device, at).await,
         }
     }
     async fn set_mute(&self, user: &str, other: &str, muted: bool) -> Result<bool, StoreError> {
         match self {
             Store::File(s) => s.set_mute(user, other, muted).await,
+            Store::Redis(s) => s.set_mute(user, other, muted).await,
         }
     }
     async fn mutes(&self, user: &str) -> Result<Vec<push::Mute>, StoreError> {
         match self {
             Store::File(s) => s.mutes(user).await,
+            Store::Redis(s) => s.mutes(user).await,
         }
     }
     async fn is_muted(&self, user: &str, other: &str) -> bool {
         match self {
             Store::File(s) => s.is_muted(user, other).await,
+            Store::Redis(s) => s.is_muted(user, other).await,
         }
     }
     async fn put_jobs(&self, jobs: Vec<push::OutboxJob>) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.put_jobs(jobs).await,
+            Store::Redis(s) => s.put_jobs(jobs).await,
         }
     }
     async fn remove_jobs(&self, jobs: Vec<(u64, u64)>) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.remove_jobs(jobs).await,
+            Store::Redis(s) => s.remove_jobs(jobs).await,
         }
     }
     async fn jobs(&self) -> Result<Vec<push::OutboxJob>, StoreError> {
         match self {
             Store::File(s) => s.jobs().await,
+            Store::Redis(s) => s.jobs().await,
         }
     }
     async fn add_dead_letter(&self, dead: push::DeadLetter) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.add_dead_letter(dead).await,
+            Store::Redis(s) => s.add_dead_letter(dead).await,
         }
     }
     async fn dead_letters(&self, limit: usize) -> Result<Vec<push::DeadLetter>, StoreError> {
         match self {
             Store::File(s) => s.dead_letters(limit).await,
+            Store::Redis(s) => s.dead_letters(limit).await,
         }
     }
     async fn idempotency(&self, key: &str) -> Result<Option<push::IdempotencyRecord>, StoreError> {
         match self {
             Store::File(s) => s.idempotency(key).await,
+            Store::Redis(s) => s.idempotency(key).await,
         }
     }
     async fn put_idempotency(&self, rec: push::IdempotencyRecord) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.put_idempotency(rec).await,
+            Store::Redis(s) => s.put_idempotency(rec).await,
         }
     }
 }
@@ -291,6 +314,7 @@ impl ProfileStore for Store {
     async fn profile(&self, user: &str) -> Result<Profile, StoreError> {
         match self {
             Store::File(s) => s.profile(user).await,
+            Store::Redis(s) => s.profile(user).await,
         }
     }
     async fn put_contacts(
@@ -301,16 +325,19 @@ impl ProfileStore for Store {
     ) -> Result<usize, StoreError> {
         match self {
             Store::File(s) => s.put_contacts(user, entries, replace).await,
+            Store::Redis(s) => s.put_contacts(user, entries, replace).await,
         }
     }
     async fn remove_contact(&self, user: &str, contact: &str) -> Result<bool, StoreError> {
         match self {
             Store::File(s) => s.remove_contact(user, contact).await,
+            Store::Redis(s) => s.remove_contact(user, contact).await,
         }
     }
     async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<bool, StoreError> {
         match self {
             Store::File(s) => s.set_block(user, other, blocked).await,
+            Store::Redis(s) => s.set_block(user, other, blocked).await,
         }
     }
     async fn set_presence(
@@ -320,6 +347,7 @@ impl ProfileStore for Store {
     ) -> Result<Profile, StoreError> {
         match self {
             Store::File(s) => s.set_presence(user, update).await,
+            Store::Redis(s) => s.set_presence(user, update).await,
         }
     }
 }

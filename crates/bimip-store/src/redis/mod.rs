@@ -9,6 +9,9 @@
 //! [`crate::Pending`] results are handed out ready.
 
 mod keys;
+mod profile;
+mod push;
+mod queue;
 pub mod test_server;
 
 use std::{sync::Arc, time::Duration};
