@@ -7,9 +7,10 @@
 //! change reaching 1000 watchers is 1000 non-blocking channel sends spread over 64 registry shards.
 
 use crate::{
+    cluster::{envelope, envelope::Envelope},
     config::PresencePolicy,
     error::Refused,
-    sessions::{ConnHandle, Outbound},
+    sessions::{ConnHandle, Outbound, PresenceSnapshot},
     state::Shared,
 };
 use bimip_proto::{
@@ -38,7 +39,8 @@ fn intent_of(p: &Profile) -> Status {
 }
 
 /// Sends `frame` about `user` to every watcher's online devices (and open-policy subscribers),
-/// never to users it blocks or that block it. Returns how many connections got it.
+/// never to users it blocks or that block it. In a cluster the other nodes get the same in one
+/// publish carrying the watcher list. Returns how many connections of this node got it.
 async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Outbound>) -> usize {
     let started = Instant::now();
     let recipients: BTreeSet<String> = profile.watchers();
@@ -55,11 +57,28 @@ async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Out
             delivered += usize::from(conn.offer(&frame));
         }
     }
+    let mut targets = Vec::with_capacity(recipients.len());
     for r in recipients {
         if profile.blocks.contains(&r) || profile.blocked_by.contains(&r) || r == user {
             continue;
         }
         delivered += state.hub.deliver(&r, &frame, None).devices;
+        targets.push(r);
+    }
+    if let Some(c) = state.hub.cluster() {
+        let mut env = Envelope::new(c.node(), envelope::AWARENESS).with_frame(&frame.frame);
+        env.users = targets;
+        env.about = user.to_string();
+        env.exclude = profile
+            .blocks
+            .iter()
+            .chain(profile.blocked_by.iter())
+            .cloned()
+            .collect();
+        env.exclude.push(user.to_string());
+        if let Err(e) = c.publish_all(&env).await {
+            tracing::warn!(user, error = %e, "awareness not sent to the other nodes");
+        }
     }
     state
         .metrics
@@ -75,11 +94,24 @@ async fn broadcast(state: &Shared, user: &str, profile: &Profile, frame: Arc<Out
 
 /// Called after a connection registered. Broadcasts ONLINE (with the current intent) when the
 /// user was not announced online yet — not after a reconnect within the grace period, and not
-/// while invisible.
-pub async fn connected(state: &Shared, user: &Arc<str>) {
-    if !state.hub.announce_online(user) {
-        return;
+/// while invisible. In a cluster the registry in Redis decides (one node announces); when Redis
+/// cannot be reached, this node's own registry does.
+pub async fn connected(state: &Shared, user: &Arc<str>, conn_id: u64, device: &str) {
+    let local = state.hub.announce_online(user);
+    let first = match state.hub.cluster() {
+        Some(c) => match c.connected(user, conn_id, device).await {
+            Ok(first) => first,
+            Err(_) => local,
+        },
+        None => local,
+    };
+    if first {
+        announce_online(state, user).await;
     }
+}
+
+/// Broadcasts ONLINE for `user` (and emits the event).
+pub async fn announce_online(state: &Shared, user: &str) {
     let profile = match state.store.profile(user).await {
         Ok(p) => p,
         Err(e) => {
@@ -144,7 +176,8 @@ pub async fn record_last_seen(state: &Shared, user: &str, last_seen: i64) {
 
 /// Called after a connection ended and it was the user's last device (`last_seen` = now):
 /// records `last_seen` at once, then after the grace period, if the user is still gone,
-/// broadcasts OFFLINE.
+/// broadcasts OFFLINE. In a cluster the claim in Redis makes sure one node announces it (any
+/// node's sweeper does, should this one die meanwhile).
 pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
     let grace = Duration::from_millis(state.config.presence.grace_ms);
     let cancelled = state.tasks.cancelled();
@@ -158,31 +191,43 @@ pub fn disconnected(state: &Shared, user: Arc<str>, last_seen: i64) {
         }
         // A little less than the grace: the timer never fires early, and the clocks differ.
         let min_gone = grace.as_millis() as i64 - 5;
-        let Some(last_seen) = state.hub.announce_offline(&user, min_gone) else {
-            return;
+        let local = state.hub.announce_offline(&user, min_gone);
+        let claimed = match state.hub.cluster() {
+            Some(c) if !c.resync_needed() => match c.claim_offline(&user).await {
+                Ok(claim) => claim,
+                Err(_) => local,
+            },
+            _ => local,
         };
-        let profile = match state.store.profile(&user).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "profile unavailable; OFFLINE not broadcast");
-                return;
-            }
-        };
-        presence_event(&state, &user, Status::Offline, &profile, last_seen).await;
-        if profile.invisible {
+        if let Some(last_seen) = claimed {
+            announce_offline(&state, &user, last_seen).await;
+        }
+    });
+}
+
+/// Broadcasts OFFLINE for `user` with its `last_seen` (and emits the event).
+pub async fn announce_offline(state: &Shared, user: &str, last_seen: i64) {
+    let profile = match state.store.profile(user).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "profile unavailable; OFFLINE not broadcast");
             return;
         }
-        let frame = awareness_frame(v1::Awareness {
-            from: user.to_string(),
-            status: Status::Offline as i32,
-            intent: intent_of(&profile) as i32,
-            details: profile.details.clone(),
-            last_seen,
-            timestamp: bimip_proto::now_ms(),
-            ..Default::default()
-        });
-        broadcast(&state, &user, &profile, frame).await;
+    };
+    presence_event(state, user, Status::Offline, &profile, last_seen).await;
+    if profile.invisible {
+        return;
+    }
+    let frame = awareness_frame(v1::Awareness {
+        from: user.to_string(),
+        status: Status::Offline as i32,
+        intent: intent_of(&profile) as i32,
+        details: profile.details.clone(),
+        last_seen,
+        timestamp: bimip_proto::now_ms(),
+        ..Default::default()
     });
+    broadcast(state, user, &profile, frame).await;
 }
 
 /// A device sets (AWAY/BUSY/DND) or clears (ONLINE) the user's intent, or toggles invisibility.
@@ -276,11 +321,15 @@ pub async fn set_state(
         timestamp: now,
         ..Default::default()
     });
-    state.hub.deliver(user, &own, Some(conn_id));
+    state
+        .hub
+        .deliver_everywhere(user, &own, Some(conn_id))
+        .await;
     match persist.await {
         Ok(r) => {
             let stored = r.map_err(Refused::from)?;
             state.profiles.update(user, &stored);
+            profile_changed(state, user).await;
             Ok(())
         }
         Err(e) => Err(Refused::new(
@@ -357,11 +406,43 @@ pub async fn typing(
         timestamp: bimip_proto::now_ms(),
         ..Default::default()
     });
-    let n = state.hub.deliver(&a.to, &frame, None).devices;
+    let n = state
+        .hub
+        .deliver_everywhere(&a.to, &frame, None)
+        .await
+        .devices;
     state
         .metrics
         .awareness_out(status_label(status as i32), n as u64);
     Ok(n)
+}
+
+/// Tells the other nodes that `user`'s profile changed (their cached blocks and DND go).
+pub async fn profile_changed(state: &Shared, user: &str) {
+    if let Some(c) = state.hub.cluster() {
+        let mut env = Envelope::new(c.node(), envelope::PROFILE);
+        env.users.push(user.to_string());
+        if let Err(e) = c.publish_all(&env).await {
+            tracing::warn!(user, error = %e, "profile change not sent to the other nodes");
+        }
+    }
+}
+
+/// Whether `user` is connected anywhere, with how many connections and its last seen: this
+/// node's registry, or the cluster's (falling back to this node's when Redis cannot answer).
+pub async fn snapshot(state: &Shared, user: &str) -> PresenceSnapshot {
+    let local = state.hub.snapshot(user);
+    let Some(c) = state.hub.cluster() else {
+        return local;
+    };
+    match c.presence(user).await {
+        Ok(p) => PresenceSnapshot {
+            online: p.connections > 0,
+            devices: p.connections,
+            last_seen: p.last_seen.max(local.last_seen),
+        },
+        Err(_) => local,
+    }
 }
 
 /// What one viewer may know of a user's awareness right now.
@@ -372,7 +453,7 @@ pub async fn view(
     include_invisible: bool,
 ) -> Result<(v1::Awareness, usize), Refused> {
     let profile = state.store.profile(user).await?;
-    let live = state.hub.snapshot(user);
+    let live = snapshot(state, user).await;
     let hidden_by_block = viewer.is_some_and(|v| profile.blocks.contains(v));
     let hidden = hidden_by_block || (profile.invisible && !include_invisible);
     let mut a = v1::Awareness {

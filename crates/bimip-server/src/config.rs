@@ -14,7 +14,8 @@ pub struct Config {
     pub listen: String,
     /// Root of the embedded file store.
     pub data_dir: PathBuf,
-    /// Name of this node, reported in `Welcome`.
+    /// Name of this node, reported in `Welcome` (`--node-id`); unique among the nodes sharing a
+    /// Redis. Empty: `bimip-1` with the file store, `<host name>-<port>` with Redis.
     pub node: String,
     pub jwt: JwtConfig,
     /// API key for the backend HTTP routes; without one those routes answer 403.
@@ -42,6 +43,8 @@ pub struct Config {
     pub push: PushSettings,
     /// Outgoing event webhooks (presence changed, message stored/delivered/read).
     pub webhooks: WebhookSettings,
+    /// Several nodes on one Redis (`--redis`): the store and the presence registry live there.
+    pub redis: RedisSettings,
     /// Repair mid-file store corruption at start-up instead of refusing to start.
     pub repair: bool,
     /// Serve the web demo at `/` and `/assets/*`. Unset: on in development mode only.
@@ -52,7 +55,37 @@ pub struct Config {
     pub dev: bool,
 }
 
+/// A node name as the cluster registry can carry it (no `/` or `:`).
+pub fn valid_node_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 impl Config {
+    /// The node name: the configured one, or `bimip-1` (file store) / `<host>-<port>` (Redis).
+    pub fn node_name(&self, port: u16) -> String {
+        if !self.node.is_empty() {
+            return self.node.clone();
+        }
+        if self.redis.url.is_none() {
+            return "bimip-1".into();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| {
+                h.trim()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                    .take(56)
+                    .collect::<String>()
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "bimip".into());
+        format!("{host}-{port}")
+    }
+
     /// Whether the web demo is served.
     pub fn web_enabled(&self) -> bool {
         self.web.unwrap_or(self.dev)
@@ -209,6 +242,35 @@ impl Default for PresenceSettings {
     }
 }
 
+/// Scale-out on Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…`; unset = the embedded file store.
+    pub url: Option<String>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub prefix: String,
+    /// How often a node renews its lease.
+    pub heartbeat_ms: u64,
+    /// How long a lease lasts: a node silent this long is taken for dead and its users go
+    /// OFFLINE (after the presence grace period).
+    pub lease_ms: u64,
+    /// A Redis command taking longer fails (sends are answered UNAVAILABLE).
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: None,
+            prefix: "bimip".into(),
+            heartbeat_ms: 5_000,
+            lease_ms: 15_000,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
 /// Tuning of the embedded file store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,7 +313,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./data"),
-            node: "bimip-1".into(),
+            node: String::new(),
             jwt: JwtConfig::default(),
             api_key: None,
             fsync: FsyncMode::Batch,
@@ -267,6 +329,7 @@ impl Default for Config {
             tls: TlsSettings::default(),
             push: PushSettings::default(),
             webhooks: WebhookSettings::default(),
+            redis: RedisSettings::default(),
             repair: false,
             web: None,
             dev: false,
@@ -422,6 +485,32 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "--jwt-secret must be at least 16 bytes".into(),
             ));
+        }
+        if !self.node.is_empty() && !valid_node_name(&self.node) {
+            return Err(ConfigError::Invalid(format!(
+                "node id {:?}: use 1 to 64 letters, digits, '.', '_' or '-'",
+                self.node
+            )));
+        }
+        if self.redis.url.is_some() {
+            let r = &self.redis;
+            if r.heartbeat_ms < 50 || r.lease_ms < 2 * r.heartbeat_ms {
+                return Err(ConfigError::Invalid(format!(
+                    "redis: the node lease ({} ms) must be at least twice the heartbeat ({} ms), \
+                     and the heartbeat at least 50 ms",
+                    r.lease_ms, r.heartbeat_ms
+                )));
+            }
+            if r.timeout_ms < 10 {
+                return Err(ConfigError::Invalid(
+                    "redis timeout_ms must be >= 10".into(),
+                ));
+            }
+            if r.prefix.is_empty() || r.prefix.contains(['{', '}']) {
+                return Err(ConfigError::Invalid(
+                    "redis prefix must be non-empty and without braces".into(),
+                ));
+            }
         }
         if self.heartbeat_ms < 50 {
             return Err(ConfigError::Invalid("heartbeat_ms must be >= 50".into()));

@@ -134,8 +134,19 @@ pub async fn run(state: Shared, socket: WebSocket, ident: ConnIdent) {
             .hub
             .connection_lost(&conn.id.user, &conn.id.device, conn.first_live_offset);
     }
-    if let Some(last_seen) = last {
+    if last.is_some() {
         state.metrics.users_online.dec();
+    }
+    // In a cluster, whether this was the user's last connection anywhere is Redis's to say
+    // (this node's own view when Redis cannot be reached).
+    let gone = match state.hub.cluster() {
+        Some(c) => match c.disconnected(&conn.id.user, conn_id).await {
+            Ok(gone) => gone,
+            Err(_) => last,
+        },
+        None => last,
+    };
+    if let Some(last_seen) = gone {
         if state.is_accepting() {
             awareness::disconnected(&state, conn.id.user.clone(), last_seen);
         } else {
@@ -208,7 +219,7 @@ impl Conn {
         if self.write_now(&welcome).await.is_err() {
             return Err(End::Gone);
         }
-        awareness::connected(&self.state, &self.id.user).await;
+        awareness::connected(&self.state, &self.id.user, self.conn_id, &self.id.device).await;
         match self
             .state
             .store

@@ -156,7 +156,8 @@ pub async fn start_send(
             if state.hub.has_other(&req.from, req.conn) {
                 delivered += state
                     .hub
-                    .deliver(&req.from, &message(copy.offset), req.conn)
+                    .deliver_everywhere(&req.from, &message(copy.offset), req.conn)
+                    .await
                     .devices;
             }
         }
@@ -259,7 +260,7 @@ pub async fn receipt(
             partition: Partition::Chat as i32,
         };
         let frame = Outbound::new(v1::Frame::with(0, Body::Receipt(receipt.clone())));
-        let delivered = state.hub.deliver(&peer, &frame, None);
+        let delivered = state.hub.deliver_everywhere(&peer, &frame, None).await;
         if delivered.devices == 0 {
             let item = NewItem {
                 partition: Partition::Receipt,

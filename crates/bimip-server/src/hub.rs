@@ -5,6 +5,7 @@
 //! push pipeline), which is called from [`Hub::deliver_stored`] and nowhere else.
 
 use crate::{
+    cluster::{Cluster, envelope},
     sessions::{
         ConnHandle, Delivered, Disconnect, Outbound, PresenceEvent, PresenceSnapshot, Sessions,
     },
@@ -47,6 +48,9 @@ pub struct Hub {
     sessions: Sessions,
     subs: Subscriptions,
     missed: OnceLock<Arc<dyn MissedDelivery>>,
+    /// Set when several nodes share Redis: frames for users with connections elsewhere are
+    /// routed there.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl Hub {
@@ -59,6 +63,17 @@ impl Hub {
         if self.missed.set(sink).is_err() {
             tracing::warn!("the missed-delivery sink was set twice; the first one stays");
         }
+    }
+
+    /// Joins the hub to a cluster (once, at start).
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        if self.cluster.set(cluster).is_err() {
+            tracing::warn!("the cluster was set twice; the first one stays");
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     // --- The registry -------------------------------------------------------------------
@@ -103,8 +118,40 @@ impl Hub {
         self.sessions.devices(user)
     }
 
+    /// Closes this node's connections of `user` (only `device`'s when given).
     pub fn kick(&self, user: &str, device: Option<&str>, why: Disconnect) -> usize {
         self.sessions.kick(user, device, why)
+    }
+
+    /// [`Self::kick`] on every node; returns how many connections were told to close.
+    pub async fn kick_everywhere(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        why: Disconnect,
+    ) -> usize {
+        let mut n = self.sessions.kick(user, device, why);
+        if let Some(c) = self.cluster.get() {
+            let mut env = envelope::Envelope::new(c.node(), envelope::KICK);
+            env.users.push(user.to_string());
+            env.device = device.unwrap_or_default().to_string();
+            env.why = u32::from(why.index());
+            match c.route(user, &env).await {
+                Ok(devices) => {
+                    n += devices
+                        .iter()
+                        .filter(|d| device.is_none_or(|want| want == d.as_str()))
+                        .count()
+                }
+                Err(e) => tracing::warn!(user, error = %e, "kick not sent to the other nodes"),
+            }
+        }
+        n
+    }
+
+    /// Every connection on this node, with its user.
+    pub fn local_connections(&self) -> Vec<(Arc<str>, ConnHandle)> {
+        self.sessions.all()
     }
 
     pub fn close_all(&self, why: Disconnect) {
@@ -120,9 +167,28 @@ impl Hub {
         self.sessions.deliver(user, frame, except)
     }
 
-    /// Whether `user` has an open connection other than `except`.
+    /// [`Self::deliver`] on every node: this node's connections, then one publish to each
+    /// other node holding a connection of `user`. Remote devices count as delivered to.
+    pub async fn deliver_everywhere(
+        &self,
+        user: &str,
+        frame: &Arc<Outbound>,
+        except: Option<u64>,
+    ) -> Delivered {
+        let mut d = self.sessions.deliver(user, frame, except);
+        if let Some(c) = self.cluster.get() {
+            match c.deliver_remote(user, frame).await {
+                Ok(n) => d.devices += n,
+                Err(e) => tracing::debug!(user, error = %e, "frame not routed to other nodes"),
+            }
+        }
+        d
+    }
+
+    /// Whether `user` may have an open connection other than `except` (in a cluster: always
+    /// maybe, the routing finds out).
     pub fn has_other(&self, user: &str, except: Option<u64>) -> bool {
-        self.sessions.has_other(user, except)
+        self.cluster.get().is_some() || self.sessions.has_other(user, except)
     }
 
     /// Delivers a stored item (its frame is `frame`) to its recipient: offered to every open
@@ -134,14 +200,26 @@ impl Hub {
         frame: &Arc<Outbound>,
         except: Option<u64>,
     ) -> Delivered {
-        let Some(sink) = self.missed.get() else {
-            return self.sessions.deliver(item.to, frame, except);
-        };
         let mut reached = Vec::new();
-        let d = self
+        let mut d = self
             .sessions
             .deliver_to(item.to, frame, except, Some(&mut reached));
-        sink.missed(item, &reached).await;
+        if let Some(c) = self.cluster.get() {
+            match c.deliver_remote_devices(item.to, frame).await {
+                Ok(devices) => {
+                    d.devices += devices.len();
+                    reached.extend(devices.into_iter().map(Arc::from));
+                }
+                // The item is stored: the devices there catch up (fan-out or RESUME), and the
+                // push pipeline below treats them as not reached.
+                Err(e) => {
+                    tracing::debug!(user = item.to, error = %e, "item not routed to other nodes")
+                }
+            }
+        }
+        if let Some(sink) = self.missed.get() {
+            sink.missed(item, &reached).await;
+        }
         d
     }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod awareness;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;
@@ -28,7 +29,7 @@ pub mod webhooks;
 
 pub use config::Config;
 
-use bimip_store::{FileStore, QueueStore, Store, StoreConfig};
+use bimip_store::{FileStore, QueueStore, RedisConfig, RedisStore, Store, StoreConfig};
 use std::{future::Future, sync::Arc, sync::atomic::Ordering, time::Duration};
 use tokio::net::TcpListener;
 
@@ -43,19 +44,11 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// How long shutdown waits for connections to close before it flushes the store anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Opens the store (recovering it), then serves until `shutdown` resolves: stops accepting,
-/// closes every connection with 1001, flushes and fsyncs the store.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    config.validate()?;
-    let verifier = auth::Verifier::from_config(&config.jwt)?;
-    let metrics = Arc::new(metrics::Metrics::new());
+/// Opens (recovering) the embedded file store.
+async fn open_file_store(
+    config: &Config,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<FileStore, ServerError> {
     let store_cfg = StoreConfig {
         data_dir: config.data_dir.clone(),
         fsync: config.fsync,
@@ -81,12 +74,52 @@ pub async fn run(
         fsync = ?config.fsync,
         "store opened"
     );
+    Ok(file_store)
+}
+
+/// Connects to Redis and warns when its settings promise less than "no acknowledged message
+/// lost" (docs/OPERATIONS.md, "Redis").
+async fn open_redis_store(config: &Config, url: String) -> Result<RedisStore, ServerError> {
+    let shown = bimip_store::redis::redact(&url);
+    let store = RedisStore::connect(RedisConfig {
+        url,
+        prefix: config.redis.prefix.clone(),
+        response_timeout: Duration::from_millis(config.redis.timeout_ms),
+        retention: Duration::from_secs(config.store.retention_secs),
+        max_queue_items: config.store.max_queue_items,
+    })
+    .await?;
+    for w in store.durability_warnings().await? {
+        tracing::warn!("redis {shown}: {w}");
+    }
+    tracing::info!(redis = %shown, prefix = %config.redis.prefix, "store: redis");
+    Ok(store)
+}
+
+/// How long shutdown waits for connections to close before it flushes the store anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Opens the store (recovering it), then serves until `shutdown` resolves: stops accepting,
+/// closes every connection with 1001, flushes and fsyncs the store.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let mut config = config;
+    config.node = config.node_name(listener.local_addr()?.port());
+    let verifier = auth::Verifier::from_config(&config.jwt)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let store = match config.redis.url.clone() {
+        None => Store::File(open_file_store(&config, &metrics).await?),
+        Some(url) => Store::Redis(open_redis_store(&config, url).await?),
+    };
     let revocations = revocations::Revocations::load(&config.data_dir)?;
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = Store::File(file_store);
     let outbox = Arc::new(push::outbox::Outbox::load(store.clone()).await?);
     let (waiting, _) = outbox.depth();
     if waiting > 0 {
@@ -96,6 +129,21 @@ pub async fn run(
     let providers = push::Providers::from_settings(&config.push)?;
     let tasks = tasks::Tasks::new();
     let hub = Arc::new(hub::Hub::new());
+    let cluster = match &store {
+        Store::Redis(rs) => {
+            let settings = cluster::ClusterSettings {
+                node: config.node.clone(),
+                heartbeat: Duration::from_millis(config.redis.heartbeat_ms),
+                lease: Duration::from_millis(config.redis.lease_ms),
+                grace: Duration::from_millis(config.presence.grace_ms),
+            };
+            let c = Arc::new(cluster::Cluster::join(rs.clone(), settings).await?);
+            tracing::info!(node = %c.incarnation(), "joined the cluster");
+            hub.set_cluster(c.clone());
+            Some(c)
+        }
+        Store::File(_) => None,
+    };
     let profiles = Arc::new(profile_cache::ProfileCache::default());
     let push = Arc::new(push::Push::new(
         config.push.clone(),
@@ -132,6 +180,9 @@ pub async fn run(
         profiles,
         tasks,
     }));
+    if let Some(c) = &cluster {
+        cluster::start(&state, c.clone());
+    }
     let app = api::router(state.clone());
     let stopping = state.clone();
     let stopped = Arc::new(tokio::sync::Notify::new());
@@ -195,6 +246,9 @@ pub async fn run(
             left = state.connections.len(),
             "connections still closing at the shutdown limit"
         );
+    }
+    if let Some(c) = &cluster {
+        cluster::leave(c).await;
     }
     if !state.tasks.shutdown(SHUTDOWN_GRACE).await {
         tracing::warn!(

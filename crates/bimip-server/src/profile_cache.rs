@@ -1,9 +1,9 @@
 //! A read-through cache of the parts of each user's profile that the hot paths ask about: whom
 //! the user blocks (every send checks "does the recipient block the sender") and whether its
 //! intent is DND (every push decision). Without it each of those is a round trip to the store.
-//! The entries change only through this server: blocks through [`crate::api`], the intent
-//! through [`crate::awareness::set_state`], each of which refreshes the entry after the store
-//! applied the change.
+//! The entries change only through bimip: blocks through [`crate::api`], the intent through
+//! [`crate::awareness::set_state`], each of which refreshes the entry after the store applied the
+//! change and, in a cluster, tells the other nodes to drop theirs ([`ProfileCache::forget`]).
 
 use bimip_proto::v1::Status;
 use bimip_store::{Profile, ProfileStore, Store, StoreError};
@@ -83,6 +83,11 @@ impl ProfileCache {
         let c = Arc::new(Cached::of(store.profile(user).await?));
         self.put(user, c);
         Ok(())
+    }
+
+    /// Drops `user`'s entry (another node changed the profile); the next read reloads it.
+    pub fn forget(&self, user: &str) {
+        self.stripe(user).remove(user);
     }
 
     /// Replaces `user`'s entry with what a profile the caller already holds says.

@@ -72,6 +72,26 @@ impl Revocations {
         }
     }
 
+    /// Applies a revocation another node made (kept in memory; that node stored it).
+    pub fn set_not_before(&self, user: &str, not_before: i64) {
+        let mut users = self.users();
+        let e = users.entry(user.to_string()).or_insert(not_before);
+        *e = (*e).max(not_before);
+    }
+
+    /// Tells the other nodes of a cluster about a revocation made here.
+    pub async fn announce(&self, state: &crate::state::Shared, user: &str, not_before: i64) {
+        use crate::cluster::envelope::{Envelope, REVOKED};
+        if let Some(c) = state.hub.cluster() {
+            let mut env = Envelope::new(c.node(), REVOKED);
+            env.users.push(user.to_string());
+            env.at = not_before;
+            if let Err(e) = c.publish_all(&env).await {
+                tracing::warn!(user, error = %e, "revocation not sent to the other nodes");
+            }
+        }
+    }
+
     /// Refuses every token of `user` issued up to now; returns the new `not_before`. Written
     /// durably before it returns.
     pub async fn revoke(&self, user: &str) -> std::io::Result<i64> {

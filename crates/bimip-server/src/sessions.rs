@@ -107,7 +107,7 @@ impl Disconnect {
             Disconnect::Revoked => "revoked",
         }
     }
-    fn index(self) -> u8 {
+    pub fn index(self) -> u8 {
         match self {
             Disconnect::Shutdown => 1,
             Disconnect::Slow => 2,
@@ -115,7 +115,7 @@ impl Disconnect {
             Disconnect::Revoked => 4,
         }
     }
-    fn from_index(i: u8) -> Option<Disconnect> {
+    pub fn from_index(i: u8) -> Option<Disconnect> {
         match i {
             1 => Some(Disconnect::Shutdown),
             2 => Some(Disconnect::Slow),
@@ -447,6 +447,18 @@ impl Sessions {
         self.shard(user)
             .get(user)
             .is_some_and(|e| !e.conns.is_empty())
+    }
+
+    /// Every connection, with its user.
+    pub fn all(&self) -> Vec<(Arc<str>, ConnHandle)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (user, entry) in shard.iter() {
+                out.extend(entry.conns.iter().map(|c| (user.clone(), c.clone())));
+            }
+        }
+        out
     }
 
     /// Asks every connection to close (shutdown).

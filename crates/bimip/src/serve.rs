@@ -37,9 +37,26 @@ pub struct ServeArgs {
     /// Durability: always | batch (group commit) | never [default: batch].
     #[arg(long, env = "BIMIP_FSYNC")]
     fsync: Option<FsyncMode>,
-    /// Node name reported in Welcome [default: bimip-1].
-    #[arg(long, env = "BIMIP_NODE")]
+    /// Node name reported in Welcome, unique among the nodes sharing a Redis [default: bimip-1;
+    /// with --redis: <host name>-<port>].
+    #[arg(long = "node-id", alias = "node", env = "BIMIP_NODE_ID")]
     node: Option<String>,
+    /// Run as one of several nodes sharing this Redis (7.0+): redis://[user:password@]host:port[/db]
+    /// or rediss://… The queue, cursors, profiles, push state and presence live there.
+    #[arg(long, env = "BIMIP_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// Prefix of bimip's Redis keys and channels [default: bimip].
+    #[arg(long, env = "BIMIP_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// How often a node renews its lease in Redis, in ms [default: 5000].
+    #[arg(long, env = "BIMIP_NODE_HEARTBEAT_MS")]
+    node_heartbeat_ms: Option<u64>,
+    /// A node that did not renew its lease for this long is taken for dead, in ms [default: 15000].
+    #[arg(long, env = "BIMIP_NODE_LEASE_MS")]
+    node_lease_ms: Option<u64>,
+    /// A Redis command taking longer fails (UNAVAILABLE), in ms [default: 5000].
+    #[arg(long, env = "BIMIP_REDIS_TIMEOUT_MS")]
+    redis_timeout_ms: Option<u64>,
     /// Server ping interval in ms; silent for two intervals = gone [default: 20000].
     #[arg(long, env = "BIMIP_HEARTBEAT_MS")]
     heartbeat_ms: Option<u32>,
@@ -354,6 +371,11 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.fsync, &a.fsync);
     set(&mut c.store.shards, &a.store_shards);
     set(&mut c.node, &a.node);
+    set_opt(&mut c.redis.url, &a.redis);
+    set(&mut c.redis.prefix, &a.redis_prefix);
+    set(&mut c.redis.heartbeat_ms, &a.node_heartbeat_ms);
+    set(&mut c.redis.lease_ms, &a.node_lease_ms);
+    set(&mut c.redis.timeout_ms, &a.redis_timeout_ms);
     set(&mut c.heartbeat_ms, &a.heartbeat_ms);
     set(&mut c.max_frame_bytes, &a.max_frame_bytes);
     set(&mut c.max_payload_bytes, &a.max_payload_bytes);

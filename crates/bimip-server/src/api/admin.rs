@@ -52,7 +52,11 @@ pub async fn revoke(
         ApiError::unavailable("the revocation could not be stored")
     })?;
     state.metrics.revocations.inc();
-    let closed = state.hub.kick(&user, None, Disconnect::Revoked);
+    state.revocations.announce(&state, &user, not_before).await;
+    let closed = state
+        .hub
+        .kick_everywhere(&user, None, Disconnect::Revoked)
+        .await;
     tracing::info!(user = %user, not_before, closed, "tokens revoked");
     Ok(Json(RevokeReply {
         user,
@@ -80,7 +84,10 @@ pub async fn kick(
     require_api_key(&state, &headers)?;
     valid_user(&user)?;
     bimip_proto::validate_device_id(&device).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let closed = state.hub.kick(&user, Some(&device), Disconnect::Kicked);
+    let closed = state
+        .hub
+        .kick_everywhere(&user, Some(&device), Disconnect::Kicked)
+        .await;
     tracing::info!(user = %user, device = %device, closed, "device kicked");
     Ok(Json(KickReply {
         user,

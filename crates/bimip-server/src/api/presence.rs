@@ -409,6 +409,7 @@ async fn block(
         .refresh(&state.store, &user)
         .await
         .map_err(crate::error::Refused::from)?;
+    crate::awareness::profile_changed(state, &user).await;
     Ok(Json(ChangedReply {
         changed: usize::from(changed),
     }))

@@ -112,8 +112,22 @@ pub struct DeviceView {
     pub token: Option<DeviceToken>,
 }
 
-/// Every known device of `user`: those with a token and those with an open connection.
+/// Every known device of `user`: those with a token and those with an open connection (on
+/// any node of a cluster).
 pub async fn list(state: &Shared, user: &str) -> Result<Vec<DeviceView>, Refused> {
+    let mut connected: Vec<String> = state
+        .hub
+        .devices(user)
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    if let Some(c) = state.hub.cluster()
+        && let Ok(p) = c.presence(user).await
+    {
+        connected.extend(p.devices);
+    }
+    connected.sort();
+    connected.dedup();
     let mut out: Vec<DeviceView> = state
         .store
         .device_tokens(user)
@@ -121,14 +135,14 @@ pub async fn list(state: &Shared, user: &str) -> Result<Vec<DeviceView>, Refused
         .into_iter()
         .map(|t| DeviceView {
             device: t.device.clone(),
-            online: state.hub.device_online(user, &t.device),
+            online: connected.contains(&t.device),
             token: Some(t),
         })
         .collect();
-    for d in state.hub.devices(user) {
-        if !out.iter().any(|v| *v.device == *d) {
+    for d in connected {
+        if !out.iter().any(|v| v.device == d) {
             out.push(DeviceView {
-                device: d.to_string(),
+                device: d,
                 online: true,
                 token: None,
             });

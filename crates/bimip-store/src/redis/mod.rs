@@ -259,7 +259,7 @@ pub(crate) fn unavailable(e: RedisError) -> StoreError {
 /// Maps a Redis error to the store's: unreachable → [`StoreError::Unavailable`]; out of memory
 /// (`maxmemory` with `noeviction`) and a failing disk (`MISCONF`) too, since retrying later
 /// may work; anything else (a script error, a wrong type) → [`StoreError::Internal`].
-pub(crate) fn map_err(e: RedisError) -> StoreError {
+pub fn map_err(e: RedisError) -> StoreError {
     if is_unavailable(&e) || matches!(e.code(), Some("OOM" | "MISCONF" | "NOREPLICAS")) {
         return unavailable(e);
     }
