@@ -38,6 +38,16 @@ pub struct ChatArgs {
     /// At most this many seconds to wait for in-flight messages after the measured period.
     #[arg(long, default_value_t = 10.0)]
     drain: f64,
+    /// Connect the receivers to this node instead (ws://…/ws): every message crosses from the
+    /// senders' node to this one (several nodes on one Redis).
+    #[arg(long)]
+    recipients_url: Option<String>,
+    /// Process id of the recipients' node: its CPU is reported and added to the server's.
+    #[arg(long)]
+    recipients_pid: Option<u32>,
+    /// The Redis the nodes share: its CPU and commands per message are reported.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 /// What a pair's sender task is told to send.
@@ -340,6 +350,42 @@ async fn receiver_task(
     }
 }
 
+/// The second node's CPU and Redis's counters at the start of the measured window.
+struct Extra {
+    node2_cpu: Option<f64>,
+    redis: Option<super::redis_stats::Snapshot>,
+}
+
+type Snapshots = Option<(super::redis_stats::Snapshot, super::redis_stats::Snapshot)>;
+
+impl Extra {
+    async fn start(a: &ChatArgs) -> Extra {
+        let redis = match &a.redis {
+            Some(url) => super::redis_stats::snapshot(url).await.ok(),
+            None => None,
+        };
+        Extra {
+            node2_cpu: super::stats::proc_cpu_s(a.recipients_pid),
+            redis,
+        }
+    }
+
+    async fn stop(self, a: &ChatArgs) -> (Option<f64>, Snapshots) {
+        let cpu = self
+            .node2_cpu
+            .zip(super::stats::proc_cpu_s(a.recipients_pid))
+            .map(|(x, y)| y - x);
+        let redis = match (&a.redis, self.redis) {
+            (Some(url), Some(before)) => super::redis_stats::snapshot(url)
+                .await
+                .ok()
+                .map(|after| (before, after)),
+            _ => None,
+        };
+        (cpu, redis)
+    }
+}
+
 pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
     let n = a.pairs.max(1);
     let closed = a.rate <= 0.0;
@@ -347,7 +393,15 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
     let send_users: Vec<String> = (0..n).map(|i| format!("u{}", 2 * i)).collect();
     let recv_users: Vec<String> = (0..n).map(|i| format!("u{}", 2 * i + 1)).collect();
     let (senders, t_s) = ctx.connect_many(&send_users, 0).await?;
-    let (receivers, t_r) = ctx.connect_many(&recv_users, n).await?;
+    let (receivers, t_r) = match &a.recipients_url {
+        Some(url) => {
+            ctx.with_url(url)
+                .await?
+                .connect_many(&recv_users, n)
+                .await?
+        }
+        None => ctx.connect_many(&recv_users, n).await?,
+    };
     // Let the ONLINE fan-outs and login traffic settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -365,6 +419,7 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
     let total = Duration::from_secs_f64(a.warmup + a.duration);
     let warm = Duration::from_secs_f64(a.warmup);
     let mut meter = None;
+    let mut extra = None;
     let mut sent_at_start = 0;
     let mut sent_in_window = None;
     if closed {
@@ -375,6 +430,7 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(warm).await;
         meter = Some(Meter::start(ctx.pid));
+        extra = Some(Extra::start(&a).await);
         while start.elapsed() < total {
             tokio::time::sleep(Duration::from_millis(250).min(total - start.elapsed())).await;
             pb.set_position(start.elapsed().as_secs());
@@ -392,6 +448,7 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
             }
             if meter.is_none() && el >= warm {
                 meter = Some(Meter::start(ctx.pid));
+                extra = Some(Extra::start(&a).await);
                 sent_at_start = issued;
             }
             let due = (a.rate * el.as_secs_f64()) as u64;
@@ -405,6 +462,10 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
         sent_in_window = Some(issued - sent_at_start);
     }
     let m = meter.unwrap_or_else(|| Meter::start(ctx.pid)).stop();
+    let extra = match extra {
+        Some(e) => Some(e.stop(&a).await),
+        None => None,
+    };
     pb.finish_and_clear();
     let rss = ctx.server_rss_kb();
     pairs.drain(Duration::from_secs_f64(a.drain)).await;
@@ -444,6 +505,19 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
         "client_cpu_us_per_msg": (in_window > 0).then(|| round(m.client_cpu / in_window as f64 * 1e6, 1)),
         "latency": sh.hist.summary(),
     });
+    let mut rec = rec;
+    if let Some((node2_cpu, redis)) = extra {
+        let both = m.server_cpu.zip(node2_cpu).map(|(a, b)| a + b);
+        rec["recipients_node"] = json!(a.recipients_url);
+        rec["recipients_cpu_s"] = json!(node2_cpu.map(|c| round(c, 2)));
+        rec["nodes_cpu_us_per_msg"] = json!(
+            both.filter(|_| in_window > 0)
+                .map(|c| round(c / in_window as f64 * 1e6, 1))
+        );
+        if let (Some((b, a2)), true) = (redis, in_window > 0) {
+            rec["redis"] = super::redis_stats::per_message(&b, &a2, in_window);
+        }
+    }
     pairs.stop().await;
     ctx.emit(rec)?;
     Ok(())

@@ -9,6 +9,7 @@ mod mixed;
 mod offline;
 mod presence;
 mod push;
+mod redis_stats;
 mod report;
 mod stats;
 
@@ -244,6 +245,30 @@ impl Ctx {
         pb.set_message(what.to_string());
         pb.enable_steady_tick(Duration::from_millis(200));
         pb
+    }
+
+    /// The same context aimed at another node (ws://host:port/ws).
+    pub async fn with_url(&self, url: &str) -> anyhow::Result<Ctx> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| anyhow!("{url}: must start with ws:// (the bench does not do TLS)"))?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let addr = tokio::net::lookup_host(hostport)
+            .await
+            .with_context(|| format!("resolving {hostport}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{hostport} does not resolve"))?;
+        let mut target = self.target.clone();
+        target.url = url.to_string();
+        target.addr = addr;
+        Ok(Ctx {
+            target,
+            http: format!("http://{hostport}"),
+            api_key: self.api_key.clone(),
+            pid: None,
+            common: self.common.clone(),
+            nonce: self.nonce,
+        })
     }
 
     /// Connects every user (device "bench") with at most `--concurrency` handshakes at once, in
