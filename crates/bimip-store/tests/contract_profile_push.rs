@@ -150,6 +150,8 @@ contract!(
     dead_letters_newest_first_and_capped,
     idempotency_records_expire,
     everything_survives_a_restart,
+    concurrent_cross_user_changes_keep_both_sides_in_step,
+    concurrent_registrations_of_one_token_leave_one_holder,
 );
 
 // ---- helpers ----
@@ -992,6 +994,81 @@ async fn everything_survives_a_restart(env: &mut Env) {
     check_invariants(s, &users).await;
 }
 
+async fn concurrent_cross_user_changes_keep_both_sides_in_step(env: &mut Env) {
+    let users = ["u0", "u1", "u2", "u3", "u4"];
+    let mut tasks = Vec::new();
+    for i in 0..60usize {
+        let s = env.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let a = users[i % 5];
+            let b = users[(i * 3 + 1) % 5];
+            if a == b {
+                return;
+            }
+            match i % 4 {
+                0 => drop(
+                    s.put_contacts(a, entries(&[(b, i % 3 == 0)]), i % 2 == 0)
+                        .await
+                        .unwrap(),
+                ),
+                1 => drop(s.remove_contact(a, b).await.unwrap()),
+                2 => drop(s.set_block(a, b, i % 3 != 0).await.unwrap()),
+                _ => drop(
+                    s.put_contacts(b, entries(&[(a, false)]), true)
+                        .await
+                        .unwrap(),
+                ),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    check_invariants(&env.store, &users).await;
+    if let Store::Redis(r) = &env.store {
+        let report = bimip_store::check_redis(r).await.unwrap();
+        assert!(report.is_clean(), "{report}");
+    }
+}
+
+async fn concurrent_registrations_of_one_token_leave_one_holder(env: &mut Env) {
+    let users: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    let mut tasks = Vec::new();
+    for u in &users {
+        let s = env.store.clone();
+        let u = u.clone();
+        tasks.push(tokio::spawn(async move {
+            s.put_device_token(token(&u, "phone", "shared"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut removed = Vec::new();
+    for t in tasks {
+        removed.extend(t.await.unwrap());
+    }
+    let mut holders = Vec::new();
+    for u in &users {
+        let ts = env.store.device_tokens(u).await.unwrap();
+        assert!(ts.len() <= 1);
+        assert_eq!(env.store.has_device_tokens(u).await, ts.len() == 1);
+        if !ts.is_empty() {
+            holders.push(u.clone());
+        }
+    }
+    assert_eq!(holders.len(), 1, "one holder: {holders:?}");
+    // Every registration but the first took the token from the one before.
+    assert_eq!(removed.len(), users.len() - 1, "{removed:?}");
+    // Each lost it once, after it had it; the holder never lost it.
+    let lost: BTreeSet<&String> = removed.iter().map(|(u, _)| u).collect();
+    assert_eq!(lost.len(), users.len() - 1);
+    assert!(!lost.contains(&holders[0]));
+    if let Store::Redis(r) = &env.store {
+        let report = bimip_store::check_redis(r).await.unwrap();
+        assert!(report.is_clean(), "{report}");
+    }
+}
+
 // ---- Redis only ----
 
 async fn redis_env() -> Env {
@@ -1549,10 +1626,12 @@ mod model {
         ]
     }
 
-    fn model_job(id: u64, version: u64) -> OutboxJob {
+    /// A job whose content also carries `stamp`, so that which put of a version is stored shows.
+    fn model_job(id: u64, version: u64, stamp: u32) -> OutboxJob {
         OutboxJob {
             id,
             version,
+            attempts: stamp,
             job: Some(Job::Push(PushJob {
                 user: "ann".into(),
                 device: "phone".into(),
@@ -1575,7 +1654,8 @@ mod model {
 
     #[derive(Debug, Clone, Copy)]
     enum Slot {
-        Live(u64),
+        /// Version, stamp.
+        Live(u64, u32),
         Removed(u64),
     }
 
@@ -1586,25 +1666,26 @@ mod model {
         /// (user, other) → the clock around the call.
         mutes: BTreeMap<(usize, usize), (i64, i64)>,
         jobs: BTreeMap<u64, Slot>,
+        /// Puts so far (the next job's stamp).
+        stamps: u32,
         dead: Vec<i64>,
         idempotency: BTreeMap<usize, i64>,
     }
 
     impl PushModel {
         /// The file store's rule (`state.rs`): the greatest version wins, a removal wins ties.
-        fn job(&mut self, id: u64, v: u64, removal: bool) {
+        fn job(&mut self, id: u64, v: u64, put: Option<u32>) {
             let take = match self.jobs.get(&id) {
-                Some(Slot::Live(old)) => *old <= v,
+                Some(Slot::Live(old, _)) => *old <= v,
                 Some(Slot::Removed(r)) => *r < v,
                 None => true,
             };
             if take {
                 self.jobs.insert(
                     id,
-                    if removal {
-                        Slot::Removed(v)
-                    } else {
-                        Slot::Live(v)
+                    match put {
+                        Some(stamp) => Slot::Live(v, stamp),
+                        None => Slot::Removed(v),
                     },
                 );
             }
@@ -1659,7 +1740,7 @@ mod model {
             .jobs
             .iter()
             .filter_map(|(id, slot)| match slot {
-                Slot::Live(v) => Some(model_job(*id, *v)),
+                Slot::Live(v, stamp) => Some(model_job(*id, *v, *stamp)),
                 Slot::Removed(_) => None,
             })
             .collect();
@@ -1784,23 +1865,28 @@ mod model {
                     }
                 }
                 PushOp::PutJobs(list) => {
-                    s.put_jobs(list.iter().map(|(id, v)| model_job(*id, *v)).collect())
-                        .await
-                        .unwrap();
-                    for (id, v) in list {
-                        m.job(id, v, false);
+                    let first = m.stamps;
+                    let jobs = list
+                        .iter()
+                        .zip(first..)
+                        .map(|((id, v), stamp)| model_job(*id, *v, stamp))
+                        .collect();
+                    s.put_jobs(jobs).await.unwrap();
+                    for ((id, v), stamp) in list.into_iter().zip(first..) {
+                        m.job(id, v, Some(stamp));
+                        m.stamps = stamp + 1;
                     }
                 }
                 PushOp::RemoveJobs(list) => {
                     s.remove_jobs(list.clone()).await.unwrap();
                     for (id, v) in list {
-                        m.job(id, v, true);
+                        m.job(id, v, None);
                     }
                 }
                 PushOp::DeadLetter => {
                     let n = m.dead.len() as i64 + 1;
                     s.add_dead_letter(DeadLetter {
-                        job: Some(model_job(n as u64, 1)),
+                        job: Some(model_job(n as u64, 1, 0)),
                         at: n,
                         reason: "max_attempts".into(),
                         provider: "fcm".into(),

@@ -94,8 +94,11 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Hash fields (or stream entry fields) as they are stored.
+type BytePairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Hash fields as byte pairs (RESP2 flat array or RESP3 map).
-fn pairs(v: Value) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn pairs(v: Value) -> Result<BytePairs, String> {
     redis::from_redis_value(v).map_err(|e| e.to_string())
 }
 
@@ -946,7 +949,7 @@ impl Checker {
 }
 
 /// `XRANGE`/`XREVRANGE` entries: (ID, field-value pairs).
-fn stream_entries(v: Value) -> Result<Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>, String> {
+fn stream_entries(v: Value) -> Result<Vec<(String, BytePairs)>, String> {
     redis::from_redis_value(v).map_err(|e| e.to_string())
 }
 

@@ -31,8 +31,10 @@ use crate::{PushStore, StoreError, TokenMatch};
 /// that lagged) does not bring it back.
 pub const JOB_TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// How often a compare-and-set starts over before giving up with `Unavailable`.
-const MAX_ATTEMPTS: usize = 16;
+/// How often a compare-and-set starts over before giving up with `Unavailable`. Each round
+/// lets at least one of the contenders through, so this bounds the contenders served, not
+/// the chance of success.
+const MAX_ATTEMPTS: usize = 64;
 
 /// Expiry times beyond this (year 9999) are kept without a Redis expiry.
 const MAX_EXPIRES_AT: i64 = 253_402_300_799_999;
