@@ -22,6 +22,10 @@ pub use file::{
     user_dir,
 };
 pub use push::{PushStore, SenderUnread, TokenMatch, Unread};
+pub use redis::{
+    RawValue, RedisCheckReport, RedisProblem, RedisStreamEntry, RedisUserDump, check_redis,
+    inspect_redis_user,
+};
 pub use redis::{RedisConfig, RedisStore};
 pub use types::*;
 

@@ -33,6 +33,8 @@ use profile::{Edit, Edited};
 pub use push::{
     MAX_IDEMPOTENCY_KEY_BYTES, MAX_TOKEN_BYTES, PushTuning, PushUserFiles, inspect_push_user,
 };
+/// The push store's input rules, shared with the Redis backend.
+pub(crate) use push::{check_device, check_device_token, check_idempotency_key, check_job};
 use shard::{Cmd, Inbox, Shard, ShardConfig};
 
 use crate::{

@@ -18,6 +18,27 @@
 //!
 //! Global keys (`P:nodes`, `P:node:<n>:conns`, `P:offline_due`, `P:compact`, `P:push:*`) and the
 //! pub/sub channels (`P:ch:node:<n>`, `P:ch:all`) are named here too.
+//!
+//! Profile and push (`redis/profile.rs`, `redis/push.rs`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P:{u}:prof` | hash | `intent` (status number), `details`, `intent_at`, `invisible` (0/1), `invisible_since`, `last_seen`; absent = 0 / "" |
+//! | `P:{u}:contacts`, `P:{u}:listed_by` | hash | other user → `one_way` (0/1) |
+//! | `P:{u}:blocks`, `P:{u}:blocked_by` | set | other users |
+//! | `P:{u}:tokens` | hash | device → encoded `bimip.store.v1.DeviceToken` |
+//! | `P:{u}:mutes` | hash | muted user → since (unix ms) |
+//! | `P:push:tokens` | hash | `<platform>\n<token>` → `<user>\n<device>` (a token has one holder) |
+//! | `P:push:{jobs}` | hash | job id → encoded `OutboxJob` |
+//! | `P:push:{jobs}:ver` | hash | job id → version of the stored job |
+//! | `P:push:{jobs}:removed` | hash | job id → version it was removed at (tombstone) |
+//! | `P:push:{jobs}:removed_at` | zset | job id, score = when removed (unix ms), to forget old tombstones |
+//! | `P:push:job_ids` | string | last job id handed out (`RedisStore::reserve_job_ids`) |
+//! | `P:push:dead` | list | encoded `DeadLetter`s, newest first, capped |
+//! | `P:push:idem:<key>` | string | encoded `IdempotencyRecord`, expiring at its `expires_at` |
+//! | `P:revocations` | hash | user → token `not_before` (unix s) |
+//!
+//! `P:users` also gets every user that holds a profile entry, a device token or a mute.
 
 /// Builds key names under one prefix.
 #[derive(Debug, Clone)]
@@ -111,6 +132,67 @@ impl Keys {
     /// The channel every node listens on.
     pub fn all_channel(&self) -> String {
         self.global("ch:all")
+    }
+
+    // ---- profile and push (see the second table in the module docs) ----
+
+    /// Intent, invisibility, last seen.
+    pub fn profile(&self, user: &str) -> String {
+        self.user(user, "prof")
+    }
+    pub fn contacts(&self, user: &str) -> String {
+        self.user(user, "contacts")
+    }
+    pub fn listed_by(&self, user: &str) -> String {
+        self.user(user, "listed_by")
+    }
+    pub fn blocks(&self, user: &str) -> String {
+        self.user(user, "blocks")
+    }
+    pub fn blocked_by(&self, user: &str) -> String {
+        self.user(user, "blocked_by")
+    }
+    /// The user's push device tokens.
+    pub fn tokens(&self, user: &str) -> String {
+        self.user(user, "tokens")
+    }
+    pub fn mutes(&self, user: &str) -> String {
+        self.user(user, "mutes")
+    }
+    /// Who holds each push token (`<platform>\n<token>` → `<user>\n<device>`).
+    pub fn token_index(&self) -> String {
+        self.global("push:tokens")
+    }
+    /// The outbox's jobs; the job keys share the hash tag `{jobs}`.
+    pub fn jobs(&self) -> String {
+        self.global("push:{jobs}")
+    }
+    pub fn job_versions(&self) -> String {
+        self.global("push:{jobs}:ver")
+    }
+    pub fn job_tombstones(&self) -> String {
+        self.global("push:{jobs}:removed")
+    }
+    pub fn job_tombstone_times(&self) -> String {
+        self.global("push:{jobs}:removed_at")
+    }
+    /// The counter job ids are taken from.
+    pub fn job_ids(&self) -> String {
+        self.global("push:job_ids")
+    }
+    pub fn dead_letters(&self) -> String {
+        self.global("push:dead")
+    }
+    /// The prefix of the idempotency records' keys.
+    pub fn idempotency_prefix(&self) -> String {
+        self.global("push:idem:")
+    }
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}{key}", self.idempotency_prefix())
+    }
+    /// Token revocations: user → `not_before`.
+    pub fn revocations(&self) -> String {
+        self.global("revocations")
     }
 }
 

@@ -8,10 +8,12 @@
 //! `appendfsync always` it was fsynced before the reply was sent (docs/OPERATIONS.md), so
 //! [`crate::Pending`] results are handed out ready.
 
+mod check;
 mod keys;
 mod profile;
 mod push;
 mod queue;
+mod revocations;
 pub mod test_server;
 
 use std::{sync::Arc, time::Duration};
@@ -21,7 +23,12 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
+pub use check::{
+    RawValue, RedisCheckReport, RedisProblem, RedisStreamEntry, RedisUserDump, check_redis,
+    inspect_redis_user,
+};
 pub use keys::Keys;
+pub use push::JOB_TOMBSTONE_TTL;
 
 use crate::StoreError;
 
