@@ -115,7 +115,10 @@ pub async fn run(
         None => Store::File(open_file_store(&config, &metrics).await?),
         Some(url) => Store::Redis(open_redis_store(&config, url).await?),
     };
-    let revocations = revocations::Revocations::load(&config.data_dir)?;
+    let revocations = match &store {
+        Store::Redis(rs) => revocations::Revocations::load_redis(rs.clone()).await?,
+        Store::File(_) => revocations::Revocations::load(&config.data_dir)?,
+    };
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,

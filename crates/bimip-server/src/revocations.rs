@@ -7,6 +7,8 @@
 //!
 //! Kept durably in `<data_dir>/revocations.json`, rewritten atomically (temporary file, fsync,
 //! rename, fsync of the folder) on every revoke and loaded at start, so revokes survive restarts.
+//! With Redis (several nodes) they are kept there instead, and a revoke made on one node reaches
+//! the others' memory through the cluster channel ([`Revocations::announce`]).
 
 use serde::{Deserialize, Serialize};
 use std::{
@@ -27,6 +29,8 @@ struct OnDisk {
 
 pub struct Revocations {
     path: PathBuf,
+    /// Where revokes are stored when several nodes share Redis (instead of `path`).
+    redis: Option<bimip_store::RedisStore>,
     users: Mutex<HashMap<String, i64>>,
     /// Serializes file rewrites so an older snapshot never replaces a newer one.
     write: tokio::sync::Mutex<()>,
@@ -51,6 +55,20 @@ impl Revocations {
         };
         Ok(Revocations {
             path,
+            redis: None,
+            users: Mutex::new(users),
+            write: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Loads the revocations kept in Redis.
+    pub async fn load_redis(
+        store: bimip_store::RedisStore,
+    ) -> Result<Revocations, bimip_store::StoreError> {
+        let users = store.revocations().await?;
+        Ok(Revocations {
+            path: PathBuf::new(),
+            redis: Some(store),
             users: Mutex::new(users),
             write: tokio::sync::Mutex::new(()),
         })
@@ -97,6 +115,14 @@ impl Revocations {
     pub async fn revoke(&self, user: &str) -> std::io::Result<i64> {
         let _w = self.write.lock().await;
         let nb = bimip_proto::now_ms().div_euclid(1000) + 1;
+        if let Some(store) = &self.redis {
+            store
+                .put_revocation(user, nb)
+                .await
+                .map_err(std::io::Error::other)?;
+            self.set_not_before(user, nb);
+            return Ok(nb);
+        }
         let snapshot = {
             let mut users = self.users();
             let e = users.entry(user.to_string()).or_insert(nb);

@@ -13,9 +13,37 @@ pub struct InspectArgs {
     /// Data directory of the server.
     #[arg(long, env = "BIMIP_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Print one JSON object per record instead of readable lines.
+    /// Print one JSON object per record instead of readable lines (data dirs only).
     #[arg(long)]
     pub json: bool,
+    /// Read the user's keys in this Redis instead of a data dir (several nodes).
+    #[arg(long, env = "BIMIP_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+    /// Prefix of bimip's Redis keys.
+    #[arg(long, env = "BIMIP_REDIS_PREFIX", default_value = "bimip")]
+    pub redis_prefix: String,
+}
+
+/// Connects to the Redis at `url` with `prefix` (for `inspect` and `check`).
+pub(crate) async fn redis_store(url: &str, prefix: &str) -> anyhow::Result<bimip_store::RedisStore> {
+    let mut cfg = bimip_store::RedisConfig::new(url);
+    cfg.prefix = prefix.to_string();
+    bimip_store::RedisStore::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to {}", bimip_store::redis::redact(url)))
+}
+
+/// `bimip inspect --redis URL USER`: the user's keys, decoded where possible.
+async fn run_redis(args: &InspectArgs, url: &str) -> anyhow::Result<()> {
+    if args.json {
+        bail!("--json reads a data dir; with --redis the output is text");
+    }
+    let store = redis_store(url, &args.redis_prefix).await?;
+    let dump = bimip_store::inspect_redis_user(&store, &args.user)
+        .await
+        .with_context(|| format!("reading the keys of {}", args.user))?;
+    print!("{dump}");
+    Ok(())
 }
 
 /// Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
@@ -161,9 +189,12 @@ fn print_json(file: &str, line: u64, record: &impl serde::Serialize) -> anyhow::
     Ok(())
 }
 
-pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
     if let Err(e) = bimip_proto::validate_user_id(&args.user) {
         bail!("invalid user id {:?}: {e}", args.user);
+    }
+    if let Some(url) = &args.redis {
+        return run_redis(&args, url).await;
     }
     let files =
         bimip_store::inspect_user(Path::new(&args.data_dir), &args.user).with_context(|| {

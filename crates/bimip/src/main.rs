@@ -55,8 +55,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve::run(*args)),
         Command::Token(args) => token::run(args),
         Command::Client(args) => runtime.block_on(client::run(args)),
-        Command::Inspect(args) => inspect::run(args),
-        Command::Check(args) => check::run(args),
+        Command::Inspect(args) => runtime.block_on(inspect::run(args)),
+        Command::Check(args) => runtime.block_on(check::run(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Push(args) => runtime.block_on(push::run(args)),
     }
