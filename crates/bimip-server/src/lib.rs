@@ -123,14 +123,6 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
-    let outbox = Arc::new(push::outbox::Outbox::load(store.clone()).await?);
-    let (waiting, _) = outbox.depth();
-    if waiting > 0 {
-        tracing::info!(jobs = waiting, "push and event jobs waiting in the outbox");
-    }
-    bimip_push::http::install_crypto_provider();
-    let providers = push::Providers::from_settings(&config.push)?;
-    let tasks = tasks::Tasks::new();
     let hub = Arc::new(hub::Hub::new());
     let cluster = match &store {
         Store::Redis(rs) => {
@@ -147,6 +139,25 @@ pub async fn run(
         }
         Store::File(_) => None,
     };
+    let outbox = Arc::new(match &cluster {
+        None => push::outbox::Outbox::load(store.clone()).await?,
+        Some(c) => {
+            let (tag, tags) = c.job_tags_at_start().await?;
+            let shift = push::outbox::ID_TAG_SHIFT;
+            push::outbox::Outbox::load_owned(store.clone(), tag << shift, move |id| {
+                tags.contains(&(id >> shift))
+            })
+            .await?
+        }
+    });
+    let (waiting, _) = outbox.depth();
+    if waiting > 0 {
+        tracing::info!(jobs = waiting, "push and event jobs waiting in the outbox");
+    }
+    bimip_push::http::install_crypto_provider();
+    let providers = push::Providers::from_settings(&config.push)?;
+    let tasks = tasks::Tasks::new();
+
     let profiles = Arc::new(profile_cache::ProfileCache::default());
     let push = Arc::new(push::Push::new(
         config.push.clone(),

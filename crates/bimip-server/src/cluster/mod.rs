@@ -57,6 +57,7 @@ struct Scripts {
     route: Script,
     lease: Script,
     due: Script,
+    job_tags: Script,
 }
 
 pub struct Cluster {
@@ -94,6 +95,7 @@ impl Cluster {
                 route: Script::new(include_str!("lua/route.lua")),
                 lease: Script::new(include_str!("lua/lease.lua")),
                 due: Script::new(include_str!("lua/due.lua")),
+                job_tags: Script::new(include_str!("lua/job_tags.lua")),
             },
             incarnation: Mutex::new(new_incarnation(&settings.node)),
             settings,
@@ -321,6 +323,36 @@ impl Cluster {
         p.connections = p.devices.len();
         p.devices.dedup();
         Ok(p)
+    }
+}
+
+impl Cluster {
+    /// A new push-job tag for this node (the top bits of the job ids it makes), and the tags of
+    /// its own previous runs and of dead nodes, which it takes over.
+    pub async fn job_tags_at_start(&self) -> Result<(u64, Vec<u64>), StoreError> {
+        // 12 bits of tag; 0 is the file store's.
+        let tag = self.store.reserve_job_ids(1).await? % 4095 + 1;
+        let taken = self.take_job_tags(Some(tag), true).await?;
+        Ok((tag, taken))
+    }
+
+    /// Tags of dead nodes taken over now (their jobs are to be adopted).
+    pub async fn take_orphan_job_tags(&self) -> Result<Vec<u64>, StoreError> {
+        self.take_job_tags(None, false).await
+    }
+
+    async fn take_job_tags(&self, new: Option<u64>, own: bool) -> Result<Vec<u64>, StoreError> {
+        let r: redis::RedisResult<Vec<u64>> = self
+            .scripts
+            .job_tags
+            .key(self.keys.global("push:job_tags"))
+            .key(self.keys.nodes())
+            .arg(self.node())
+            .arg(new.map(|t| t.to_string()).unwrap_or_default())
+            .arg(if own { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await;
+        self.check(r)
     }
 }
 

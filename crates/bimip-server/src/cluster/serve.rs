@@ -7,7 +7,7 @@ use crate::{
     awareness, config::PresencePolicy, fanout, sessions::Disconnect, sessions::Outbound,
     state::Shared,
 };
-use bimip_store::{QueueStore, StoreError};
+use bimip_store::{PushStore, QueueStore, StoreError};
 use futures_util::StreamExt;
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -191,6 +191,10 @@ async fn housekeeping(state: Shared, cluster: Arc<Cluster>, restart: Arc<Notify>
         if Instant::now() >= next_beat {
             next_beat = Instant::now() + heartbeat;
             beat(&state, &cluster, &restart).await;
+            let linked = bimip_proto::now_ms() - cluster.linked_since.load(Ordering::Acquire);
+            if linked >= lease_ms && !cluster.resync_needed() {
+                adopt_orphan_jobs(&state, &cluster).await;
+            }
         }
         if cluster.resync_needed() {
             continue;
@@ -353,6 +357,27 @@ pub(super) async fn reap(cluster: &Cluster, inc: &str) -> Result<(), StoreError>
         tracing::info!(node = %inc, connections = cleaned, "reaped a dead node");
     }
     Ok(())
+}
+
+/// Takes over the push and event jobs of nodes that died: they are sent from here.
+async fn adopt_orphan_jobs(state: &Shared, cluster: &Cluster) {
+    let tags = match cluster.take_orphan_job_tags().await {
+        Ok(t) if t.is_empty() => return,
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    let shift = crate::push::outbox::ID_TAG_SHIFT;
+    match state.store.jobs().await {
+        Ok(jobs) => {
+            let mine: Vec<_> = jobs
+                .into_iter()
+                .filter(|j| tags.contains(&(j.id >> shift)))
+                .collect();
+            let n = state.outbox.adopt(mine);
+            tracing::info!(tags = ?tags, jobs = n, "took over the push jobs of a dead node");
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the push jobs of a dead node failed"),
+    }
 }
 
 /// A clean stop: this node's remaining registry entries and its lease go at once.

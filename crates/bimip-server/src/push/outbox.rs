@@ -106,6 +106,20 @@ pub enum Completion {
     Park { due_at: i64 },
 }
 
+/// The low bits of a job id: unix ms × 1000 plus a counter. The bits above carry the tag of the
+/// node that made the job (0 with the file store), so nodes sharing Redis never collide.
+pub const ID_SPACE: u64 = (1 << ID_TAG_SHIFT) - 1;
+pub const ID_TAG_SHIFT: u32 = 51;
+
+fn adopt_into(state: &mut State, job: OutboxJob) {
+    if let Some(Job::Push(p)) = &job.job
+        && !p.coalesce_key.is_empty()
+    {
+        state.by_key.insert(p.coalesce_key.clone(), job.id);
+    }
+    state.insert_waiting(job);
+}
+
 pub struct Outbox {
     state: Mutex<State>,
     store: Store,
@@ -118,26 +132,51 @@ impl Outbox {
     /// Loads every stored job (start-up). Jobs that were in flight when the server stopped are
     /// pending again.
     pub async fn load(store: Store) -> Result<Outbox, StoreError> {
+        Outbox::load_owned(store, 0, |_| true).await
+    }
+
+    /// [`Self::load`] of the jobs `mine` accepts (in a cluster: those of this node and of the
+    /// dead nodes it took over, by the tag in the id's top bits), with new ids in the space
+    /// starting at `id_base` (this node's tag).
+    pub async fn load_owned(
+        store: Store,
+        id_base: u64,
+        mine: impl Fn(u64) -> bool,
+    ) -> Result<Outbox, StoreError> {
         let jobs = store.jobs().await?;
         let mut state = State::default();
         let mut max_id = 0;
-        for job in jobs {
-            max_id = max_id.max(job.id);
-            if let Some(Job::Push(p)) = &job.job
-                && !p.coalesce_key.is_empty()
-            {
-                state.by_key.insert(p.coalesce_key.clone(), job.id);
+        for job in jobs.into_iter().filter(|j| mine(j.id)) {
+            if job.id & !ID_SPACE == id_base {
+                max_id = max_id.max(job.id & ID_SPACE);
             }
-            state.insert_waiting(job);
+            adopt_into(&mut state, job);
         }
         Ok(Outbox {
             state: Mutex::new(state),
             store,
             // Ids are never reused, also after every job was removed and the server restarted:
             // an id names pushes and events to receivers (`webhook-id`) that deduplicate on it.
-            next_id: AtomicU64::new((max_id + 1).max(bimip_proto::now_ms().max(0) as u64 * 1000)),
+            next_id: AtomicU64::new(
+                id_base | (max_id + 1).max(bimip_proto::now_ms().max(0) as u64 * 1000),
+            ),
             wake: Notify::new(),
         })
+    }
+
+    /// Takes over stored jobs of a node that died (a cluster): they are dispatched from here.
+    pub fn adopt(&self, jobs: Vec<OutboxJob>) -> usize {
+        let n = jobs.len();
+        {
+            let mut state = self.lock();
+            for job in jobs {
+                if !state.jobs.contains_key(&job.id) {
+                    adopt_into(&mut state, job);
+                }
+            }
+        }
+        self.wake.notify_one();
+        n
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
