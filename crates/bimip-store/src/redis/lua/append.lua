@@ -7,4 +7,12 @@ local last = precheck(k)
 if last == nil then
   return redis.error_reply('bimip: the queue of ' .. k.user .. ' is ahead of its sequence')
 end
-return append_item(k, read_item(4), last, now_ms(), cfg, KEYS[NKEYS + 1], KEYS[NKEYS + 2])
+local now = now_ms()
+local r = append_item(k, read_item(4), last, now, cfg, KEYS[NKEYS + 1], KEYS[NKEYS + 2])
+if r[3] == 0 then
+  local c = limit_queue(k, now, cfg, KEYS[NKEYS + 2])
+  r[4], r[5] = c[1], c[2]
+else
+  r[4], r[5] = 0, 0
+end
+return r

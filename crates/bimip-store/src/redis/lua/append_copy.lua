@@ -21,6 +21,7 @@ end
 local now = now_ms()
 local first = append_item(a, read_item(5), last_a, now, cfg, users, due)
 if first[3] == 1 then
+  first[4], first[5] = 0, 0
   return { first, { 0, first[2], 1, 0, 0 } }
 end
 local copy = read_item(13)
@@ -28,6 +29,14 @@ copy.po = first[1]
 if a.user == b.user then
   -- The same queue: the first append changed what precheck saw.
   last_b = precheck(b)
-  b.wm = a.wm
 end
-return { first, append_item(b, copy, last_b, now, cfg, users, due) }
+local second = append_item(b, copy, last_b, now, cfg, users, due)
+-- The queue limit once both are in (as the file store applies it after a write batch).
+local c = limit_queue(a, now, cfg, due)
+first[4], first[5] = c[1], c[2]
+second[4], second[5] = 0, 0
+if a.user ~= b.user then
+  c = limit_queue(b, now, cfg, due)
+  second[4], second[5] = c[1], c[2]
+end
+return { first, second }

@@ -385,15 +385,24 @@ local function precheck(k)
   return false
 end
 
+-- Past max_queue_items by an eighth: compacts. Returns { dropped, dropped_unacked }.
+local function limit_queue(k, now, cfg, due)
+  if cfg.max > 0 and redis.call('XLEN', k.q) > cfg.max + math.floor(cfg.max / 8) then
+    local c = compact(k, now, cfg, due)
+    return { c[1], c[2] }
+  end
+  return { 0, 0 }
+end
+
 -- Appends one item (or finds the original with dedupe). `last` is precheck's result. Returns
--- { offset, timestamp, duplicate, dropped, dropped_unacked }.
+-- { offset, timestamp, duplicate }; the caller applies the queue limit (`limit_queue`).
 local function append_item(k, it, last, now, cfg, users, due)
   if it.dedupe and it.m ~= '' then
     local o = redis.call('HGET', k.ids, lp(it.f) .. it.m)
     if o then
       local e = entry(k, tonumber(o))
       if e and e.f == it.f and e.m == it.m then
-        return { e.off, e.ts, 1, 0, 0 }
+        return { e.off, e.ts, 1 }
       end
     end
   end
@@ -426,10 +435,5 @@ local function append_item(k, it, last, now, cfg, users, due)
   if cfg.retention > 0 and it.f == k.user then
     redis.call('ZADD', due, 'LT', fmt(ts + cfg.retention), k.user)
   end
-  local dropped, dropped_unacked = 0, 0
-  if cfg.max > 0 and redis.call('XLEN', k.q) > cfg.max + math.floor(cfg.max / 8) then
-    local c = compact(k, now, cfg, due)
-    dropped, dropped_unacked = c[1], c[2]
-  end
-  return { off, ts, 0, dropped, dropped_unacked }
+  return { off, ts, 0 }
 end
