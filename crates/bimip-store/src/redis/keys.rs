@@ -5,13 +5,15 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `P:{u}:seq` | string | last offset given out (never deleted, also when the queue is empty) |
-//! | `P:{u}:q` | stream | the items, ID `<offset>-0` |
-//! | `P:{u}:ix:<p>:<from>` | zset | the offsets of partition `p` from `from` (member `<offset>`) |
-//! | `P:{u}:snd:<p>` | zset | senders with items in partition `p`, score = their last offset |
-//! | `P:{u}:sent:<to>` | zset | the user's own copies of what it sent to `to` |
-//! | `P:{u}:ids` | hash | `<from>\n<message id>` → offset (dedupe) |
+//! | `P:{u}:q` | stream | the items, ID `<offset>-0`, fields `p f t b ts m d po` (partition, from, to, payload, unix ms, message id, device, peer offset) |
+//! | `P:{u}:ix:<p>` | zset (lex) | the items of partition `p` by sender: member `<len(from)>:<from><offset, 16 digits>`, score 0 |
+//! | `P:{u}:po:<p>` | zset | every item of partition `p`: member and score = offset |
+//! | `P:{u}:un:<p>` | zset | unacknowledged items of partition `p` (2 and 3 only): member and score = offset |
+//! | `P:{u}:snd:1` | zset | chat senders with items, score = their last offset |
+//! | `P:{u}:sent` | zset (lex) | the user's own chat copies: member `<len(to)>:<to><offset, 16 digits>` |
+//! | `P:{u}:ids` | hash | `<len(from)>:<from><message id>` → offset of the first kept item (dedupe); `#<same>` → how many more kept items share it |
 //! | `P:{u}:ack` | hash | `<p>|<from>` → acknowledged up to (`<p>|` = every sender) |
-//! | `P:{u}:cur` | hash | device cursors |
+//! | `P:{u}:cur` | hash | cursors: `c|<p>|<kind>|<len(from)>:<from><device>` → next offset; maxima `d|<p>|<len(from)>:<from><device>` (device, any kind), `k|<p>|<kind>|<from>` (kind, any device), `a|<p>|<from>` (any) |
 //! | `P:{u}:prof`, `:contacts`, `:listed_by`, `:blocks`, `:blocked_by` | hash/set | the profile |
 //! | `P:{u}:tokens`, `:mutes` | hash | push device tokens and mutes |
 //! | `P:{u}:pres` | hash | the user's connections on every node |
@@ -132,6 +134,22 @@ impl Keys {
     /// The channel every node listens on.
     pub fn all_channel(&self) -> String {
         self.global("ch:all")
+    }
+    /// The items of one partition by sender (a lexicographic zset, see the table).
+    pub fn sender_index(&self, user: &str, partition: i32) -> String {
+        self.user(user, &format!("ix:{partition}"))
+    }
+    /// Every item of one partition, by offset.
+    pub fn partition_index(&self, user: &str, partition: i32) -> String {
+        self.user(user, &format!("po:{partition}"))
+    }
+    /// The unacknowledged items of a notification or receipt partition, by offset.
+    pub fn unacked(&self, user: &str, partition: i32) -> String {
+        self.user(user, &format!("un:{partition}"))
+    }
+    /// The user's own chat copies by recipient (a lexicographic zset, see the table).
+    pub fn sent_index(&self, user: &str) -> String {
+        self.user(user, "sent")
     }
 
     // ---- profile and push (see the second table in the module docs) ----

@@ -16,7 +16,10 @@ mod queue;
 mod revocations;
 pub mod test_server;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use redis::{
     AsyncConnectionConfig, Client, RedisError,
@@ -72,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) conn: ConnectionManager,
     pub(crate) keys: Keys,
     pub(crate) cfg: RedisConfig,
+    /// Set by `shutdown`: later queue calls answer [`StoreError::Closed`].
+    pub(crate) closed: AtomicBool,
 }
 
 impl RedisStore {
@@ -95,6 +100,7 @@ impl RedisStore {
                 conn,
                 keys: Keys::new(&cfg.prefix),
                 cfg,
+                closed: AtomicBool::new(false),
             }),
         };
         let version = store.server_version().await?;
