@@ -25,7 +25,10 @@ pub struct InspectArgs {
 }
 
 /// Connects to the Redis at `url` with `prefix` (for `inspect` and `check`).
-pub(crate) async fn redis_store(url: &str, prefix: &str) -> anyhow::Result<bimip_store::RedisStore> {
+pub(crate) async fn redis_store(
+    url: &str,
+    prefix: &str,
+) -> anyhow::Result<bimip_store::RedisStore> {
     let mut cfg = bimip_store::RedisConfig::new(url);
     cfg.prefix = prefix.to_string();
     bimip_store::RedisStore::connect(cfg)
