@@ -143,6 +143,7 @@ pub async fn start_send(
             from: &req.from,
             message_id: &req.id,
             offset: stored.offset,
+            has_tokens: None,
             partition: req.partition,
             payload: &req.payload,
         };

@@ -26,6 +26,9 @@ pub struct StoredItem<'a> {
     pub message_id: &'a str,
     /// The item's offset in the recipient's queue.
     pub offset: u64,
+    /// Whether the recipient has a push token, when already known (a cluster's routing tells);
+    /// None: the push decision looks it up.
+    pub has_tokens: Option<bool>,
     pub partition: Partition,
     pub payload: &'a Bytes,
 }
@@ -196,7 +199,7 @@ impl Hub {
     /// missed-delivery sink. Resolves once the sink made what it decided durable.
     pub async fn deliver_stored(
         &self,
-        item: StoredItem<'_>,
+        mut item: StoredItem<'_>,
         frame: &Arc<Outbound>,
         except: Option<u64>,
     ) -> Delivered {
@@ -206,9 +209,10 @@ impl Hub {
             .deliver_to(item.to, frame, except, Some(&mut reached));
         if let Some(c) = self.cluster.get() {
             match c.deliver_remote_devices(item.to, frame).await {
-                Ok(devices) => {
-                    d.devices += devices.len();
-                    reached.extend(devices.into_iter().map(Arc::from));
+                Ok(routed) => {
+                    d.devices += routed.devices.len();
+                    reached.extend(routed.devices.into_iter().map(Arc::from));
+                    item.has_tokens = Some(routed.has_tokens);
                 }
                 // The item is stored: the devices there catch up (fan-out or RESUME), and the
                 // push pipeline below treats them as not reached.

@@ -119,10 +119,11 @@ async fn chat_across_two_nodes_both_ways_with_receipts_and_device_sync() {
     let redis = redis();
     let n1 = node(&redis, "n1", &[]);
     let n2 = node(&redis, "n2", &[]);
-    let (mut alice, w) = n1.online("alice", "phone").await;
+    let (mut alice, _) = n1.online("alice", "phone").await;
     let (mut alice2, _) = n2.online("alice", "laptop").await;
-    let (mut bob, _) = n2.online("bob", "phone").await;
-    let _ = w;
+    let (mut bob, w) = n2.connect("bob", "phone").await;
+    assert_eq!(w.node, "n2", "Welcome names the node");
+    read_fanout(&mut bob).await;
 
     // alice (n1) → bob (n2): bob gets it with the Ack's offset; alice's laptop (n2) the copy.
     let publishes = command_calls(&redis, "publish").await;
@@ -463,4 +464,56 @@ async fn a_clean_stop_removes_the_node_at_once() {
         .unwrap();
     assert!(nodes.iter().all(|n| !n.starts_with("n2/")), "{nodes:?}");
     assert_eq!(nodes.len(), 1, "{nodes:?}");
+}
+
+#[tokio::test]
+async fn a_broken_subscription_is_healed_and_the_fan_out_sent_again() {
+    let redis = redis();
+    let n1 = node(&redis, "n1", &[]);
+    let n2 = node(&redis, "n2", &[]);
+    let (mut lia, _) = n1.online("lia", "phone").await;
+    let (mut max, _) = n2.online("max", "phone").await;
+    // Redis drops every subscriber connection: messages routed meanwhile are lost in pub/sub,
+    // not in the queue.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed} subscriber connections killed");
+    let ack = send(
+        &mut lia,
+        "max",
+        "gap-1",
+        "sent while the subscription was down",
+    )
+    .await;
+    // max learns of it: in real time if the subscription was already back, else from the
+    // fan-out the node sends again once it is.
+    max.recv_until(
+        |f| match &f.body {
+            Some(Body::Message(m)) => m.id == "gap-1",
+            Some(Body::Summary(s)) => s
+                .senders
+                .iter()
+                .any(|x| x.from == "lia" && x.last_offset == ack.offset),
+            _ => false,
+        },
+        T,
+    )
+    .await
+    .expect("told of the message after the subscription came back");
+    // And later messages flow in real time again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(&mut lia, "max", "gap-2", "after").await;
+    max.recv_until(
+        |f| matches!(&f.body, Some(Body::Message(m)) if m.id == "gap-2"),
+        T,
+    )
+    .await
+    .expect("real time again");
 }

@@ -264,34 +264,57 @@ impl Cluster {
     /// Publishes `env` to the other nodes holding a connection of `user`; returns the devices
     /// connected there.
     pub async fn route(&self, user: &str, env: &Envelope) -> Result<Vec<String>, StoreError> {
-        let r: redis::RedisResult<Vec<String>> = self
+        Ok(self.route_with_tokens(user, env).await?.devices)
+    }
+
+    /// [`Self::route`], also telling whether the user has a push token.
+    pub async fn route_with_tokens(
+        &self,
+        user: &str,
+        env: &Envelope,
+    ) -> Result<Routed, StoreError> {
+        let r: redis::RedisResult<Vec<redis::Value>> = self
             .scripts
             .route
             .key(self.keys.presence(user))
             .key(self.keys.nodes())
+            .key(self.keys.tokens(user))
             .arg(self.node())
             .arg(self.keys.node_channel(""))
             .arg(env.to_bytes())
             .invoke_async(&mut self.conn())
             .await;
-        self.check(r)
+        let mut values = self.check(r)?.into_iter();
+        let has_tokens = matches!(values.next(), Some(redis::Value::Int(1)));
+        let devices = values
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .collect();
+        Ok(Routed {
+            devices,
+            has_tokens,
+        })
     }
 
     /// Offers `frame` to `user`'s connections on the other nodes; returns how many devices
     /// are connected there.
     pub async fn deliver_remote(&self, user: &str, frame: &Outbound) -> Result<usize, StoreError> {
-        Ok(self.deliver_remote_devices(user, frame).await?.len())
+        Ok(self
+            .deliver_remote_devices(user, frame)
+            .await?
+            .devices
+            .len())
     }
 
-    /// [`Self::deliver_remote`], returning the devices (one entry per connection).
+    /// [`Self::deliver_remote`], returning the devices (one entry per connection) and whether
+    /// the user has a push token.
     pub async fn deliver_remote_devices(
         &self,
         user: &str,
         frame: &Outbound,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Routed, StoreError> {
         let mut env = Envelope::new(self.node(), envelope::DELIVER).with_frame(&frame.frame);
         env.users.push(user.to_string());
-        self.route(user, &env).await
+        self.route_with_tokens(user, &env).await
     }
 
     /// Publishes `env` to every node (this one included; it skips its own).
@@ -354,6 +377,15 @@ impl Cluster {
             .await;
         self.check(r)
     }
+}
+
+/// What routing a frame found.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Devices on the other nodes that were sent the frame (one entry per connection).
+    pub devices: Vec<String>,
+    /// Whether the user has a push token (so the push decision may skip its own lookup).
+    pub has_tokens: bool,
 }
 
 /// A user's presence as the registry has it.

@@ -29,7 +29,10 @@ impl MissedDelivery for PushSink {
             let push = &self.0;
             if !matches!(item.partition, Partition::Chat | Partition::Notification)
                 || item.from == item.to
-                || !push.store.has_device_tokens(item.to).await
+                || !match item.has_tokens {
+                    Some(known) => known,
+                    None => push.store.has_device_tokens(item.to).await,
+                }
             {
                 return;
             }

@@ -1,13 +1,15 @@
 -- Sends a frame for one user to the other nodes that hold a connection of it: one PUBLISH per
 -- node, whatever the number of devices there. Entries of nodes whose lease ran out are skipped
 -- (they are being reaped), and so is every incarnation of this node (it delivered locally).
--- KEYS[1] the user's presence hash  KEYS[2] node leases
+-- KEYS[1] the user's presence hash  KEYS[2] node leases  KEYS[3] the user's push tokens
 -- ARGV[1] this node's name  ARGV[2] channel prefix  ARGV[3] payload
--- Returns the devices on the nodes it published to.
+-- Returns {1 if the user has a push token else 0, the devices on the nodes it published to...}:
+-- the push decision that follows needs no round trip of its own.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local all = redis.call('HGETALL', KEYS[1])
-local nodes, devices, alive = {}, {}, {}
+local nodes, alive = {}, {}
+local devices = {redis.call('EXISTS', KEYS[3])}
 for i = 1, #all, 2 do
   local f = all[i]
   if string.sub(f, 1, 2) == 'c:' then
