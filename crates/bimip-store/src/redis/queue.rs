@@ -34,7 +34,9 @@
 //! and compaction scripts; [`RedisStore::compact_due`] walks it).
 //!
 //! **Round trips**: `enqueue_append`, `enqueue_append_with_copy` (both users' keys in one script:
-//! fine on a standalone Redis, Redis Cluster would need two calls), `acknowledge`, `read`,
+//! fine on a standalone Redis; Redis Cluster would need two calls, and the global `users` and
+//! `compact` keys touched by the append and acknowledgement scripts would have to move under a
+//! user's hash tag or into separate calls), `acknowledge`, `read`,
 //! `pending`, `unread` and [`RedisStore::compact_user`] are one script call each;
 //! [`RedisStore::compact_due`] is one call plus one per user compacted. A script loaded for the
 //! first time on a server costs one more (EVALSHA answered with NOSCRIPT, SCRIPT LOAD, EVALSHA).
