@@ -1055,7 +1055,7 @@ async fn pending_and_unread_follow_the_cursors() {
 
 #[tokio::test]
 async fn retention_drops_acknowledged_items_and_own_copies_only() {
-    let retention = Duration::from_millis(300);
+    let retention = Duration::from_millis(800);
     for b in both(retention, 0).await {
         let n = b.name;
         for i in 1..=4 {
@@ -1342,7 +1342,7 @@ async fn redis_outage_is_unavailable_then_recovers() {
 #[tokio::test]
 async fn compact_due_runs_retention_for_the_users_that_need_it() {
     let server = RedisServer::start().expect("redis-server");
-    let retention = Duration::from_millis(300);
+    let retention = Duration::from_millis(800);
     let redis = RedisStore::connect(redis_config(server.url(), "t", retention, 0))
         .await
         .unwrap();
@@ -1406,6 +1406,80 @@ async fn compact_due_runs_retention_for_the_users_that_need_it() {
         .unwrap();
     users.sort();
     assert_eq!(users, ["alice", "bob"]);
+}
+
+/// Every key the queue writes is one of the documented ones (`redis/keys.rs`): a user's keys
+/// under its hash tag, and the two global sets.
+#[tokio::test]
+async fn redis_keys_follow_the_schema() {
+    let server = RedisServer::start().expect("redis-server");
+    let redis = RedisStore::connect(redis_config(
+        server.url(),
+        "t",
+        Duration::from_secs(3600),
+        4,
+    ))
+    .await
+    .unwrap();
+    let b = Backend {
+        name: "redis",
+        store: Store::Redis(redis.clone()),
+        dir: None,
+        server: None,
+        retention: FOREVER,
+        max: 4,
+    };
+    for i in 0..6 {
+        let item = chat("alice", "bob", &format!("a{i}"));
+        b.copy("bob", item.clone(), own_copy(&item)).await;
+    }
+    for p in [Partition::Notification, Partition::Receipt] {
+        b.append(
+            "bob",
+            in_partition(p, "sys", "bob", &format!("x{}", p as i32)),
+        )
+        .await;
+    }
+    b.ack("bob", ack("phone", "alice", ReceiptKind::Read, 3))
+        .await;
+    b.ack("bob", ack_in(Partition::Notification, "phone", None, 9))
+        .await;
+    b.read(
+        "alice",
+        ReadRequest {
+            with_sent: true,
+            ..read_all("bob")
+        },
+    )
+    .await;
+    let mut conn = redis.connection();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    let allowed = [
+        "seq", "q", "ids", "ack", "cur", "sent", "snd:1", "ix:1", "ix:2", "ix:3", "po:1", "po:2",
+        "po:3", "un:2", "un:3",
+    ];
+    for k in &keys {
+        let ok = k == "t:users"
+            || k == "t:compact"
+            || ["alice", "bob"].iter().any(|u| {
+                k.strip_prefix(&format!("t:{{{u}}}:"))
+                    .is_some_and(|rest| allowed.contains(&rest))
+            });
+        assert!(ok, "unexpected key {k:?} in {keys:?}");
+    }
+    assert!(keys.contains(&"t:{bob}:un:3".to_string()), "{keys:?}");
+    assert!(keys.contains(&"t:compact".to_string()), "{keys:?}");
+    let kind: String = redis::cmd("TYPE")
+        .arg("t:{bob}:q")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "stream");
 }
 
 /// Random operations on a few users, senders and devices, applied to a model and to both

@@ -12,13 +12,13 @@
 //! | `P:{u}:snd:1` | zset | chat senders with items, score = their last offset |
 //! | `P:{u}:sent` | zset (lex) | the user's own chat copies: member `<len(to)>:<to><offset, 16 digits>` |
 //! | `P:{u}:ids` | hash | `<len(from)>:<from><message id>` → offset of the first kept item (dedupe); `#<same>` → how many more kept items share it |
-//! | `P:{u}:ack` | hash | `<p>|<from>` → acknowledged up to (`<p>|` = every sender) |
-//! | `P:{u}:cur` | hash | cursors: `c|<p>|<kind>|<len(from)>:<from><device>` → next offset; maxima `d|<p>|<len(from)>:<from><device>` (device, any kind), `k|<p>|<kind>|<from>` (kind, any device), `a|<p>|<from>` (any) |
+//! | `P:{u}:ack` | hash | `<p>\|<from>` → acknowledged up to (`<p>\|` = every sender) |
+//! | `P:{u}:cur` | hash | cursors: `c\|<p>\|<kind>\|<len(from)>:<from><device>` → next offset; maxima `d\|<p>\|<len(from)>:<from><device>` (device, any kind), `k\|<p>\|<kind>\|<from>` (kind, any device), `a\|<p>\|<from>` (any) |
 //! | `P:{u}:prof`, `:contacts`, `:listed_by`, `:blocks`, `:blocked_by` | hash/set | the profile |
 //! | `P:{u}:tokens`, `:mutes` | hash | push device tokens and mutes |
 //! | `P:{u}:pres` | hash | the user's connections on every node |
 //!
-//! Global keys (`P:nodes`, `P:node:<n>:conns`, `P:offline_due`, `P:compact`, `P:push:*`) and the
+//! Global keys (`P:users`, `P:nodes`, `P:node:<n>:conns`, `P:offline_due`, `P:compact`, `P:push:*`) and the
 //! pub/sub channels (`P:ch:node:<n>`, `P:ch:all`) are named here too.
 //!
 //! Profile and push (`redis/profile.rs`, `redis/push.rs`):

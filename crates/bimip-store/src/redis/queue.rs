@@ -34,7 +34,9 @@
 //! and compaction scripts; [`RedisStore::compact_due`] walks it).
 //!
 //! **Round trips**: `enqueue_append`, `enqueue_append_with_copy` (both users' keys in one script:
-//! fine on a standalone Redis, Redis Cluster would need two calls), `acknowledge`, `read`,
+//! fine on a standalone Redis; Redis Cluster would need two calls, and the global `users` and
+//! `compact` keys touched by the append and acknowledgement scripts would have to move under a
+//! user's hash tag or into separate calls), `acknowledge`, `read`,
 //! `pending`, `unread` and [`RedisStore::compact_user`] are one script call each;
 //! [`RedisStore::compact_due`] is one call plus one per user compacted. A script loaded for the
 //! first time on a server costs one more (EVALSHA answered with NOSCRIPT, SCRIPT LOAD, EVALSHA).
@@ -43,8 +45,12 @@
 //! the limit by an eighth (acknowledged items and own copies first, then the oldest
 //! unacknowledged ones); retention runs in [`RedisStore::compact_user`], called by
 //! [`RedisStore::compact_due`]. Dropped items take their index entries and dedupe ids with them;
-//! cursors and watermarks stay. A compaction is one script, so it blocks Redis while it scans the
-//! old part of one queue (at most about `max_queue_items` entries).
+//! cursors and watermarks stay. Droppable items are found through the indexes (the user's own
+//! items, and the ranges each acknowledgement mark covers, merged in offset order), never by
+//! walking the queue, so a compaction costs in proportion to what it drops: it is one script and
+//! blocks Redis meanwhile, measured at about 45 µs per dropped item on a busy 2-core machine
+//! (1,001 items in about 45 ms). At the default `max_queue_items` (100,000) a user past the limit
+//! drops an eighth, 12,500 items (about half a second), once per 12,500 appends.
 //!
 //! **Durability**: a script runs atomically and its effects go to the AOF as one `MULTI`/`EXEC`;
 //! with `appendfsync always` the reply is sent after the fsync, so every [`Pending`] is handed out

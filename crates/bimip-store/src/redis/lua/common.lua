@@ -7,9 +7,8 @@
 
 local CHAT = 1
 local MAXOFF = 9007199254740991
+-- Offsets fetched from one index at a time.
 local SCAN = 512
--- Items looked at from the front of the queue when deciding when retention is due next.
-local DUE_SCAN = 1024
 
 local function fmt(n)
   return string.format('%d', n)
@@ -190,23 +189,6 @@ local function move_cursor(k, device, p, from, kind, to)
   return to
 end
 
--- Calls fn on every item in offset order until it returns false (fn may delete the item).
-local function scan(k, fn)
-  local start = '-'
-  while true do
-    local r = redis.call('XRANGE', k.q, start, '+', 'COUNT', fmt(SCAN))
-    for _, raw in ipairs(r) do
-      if not fn(parse(raw)) then
-        return
-      end
-    end
-    if #r < SCAN then
-      return
-    end
-    start = '(' .. r[#r][1]
-  end
-end
-
 -- The smallest offset after e's of a kept item with e's sender and message id.
 local function next_same(k, e)
   local best = nil
@@ -226,28 +208,57 @@ local function next_same(k, e)
   return best
 end
 
--- Removes one item and its index entries; its dedupe id goes too (or moves to the next kept
--- item with the same id). Cursors and acknowledgement marks stay.
+-- Removals are collected per key and sent a few hundred members per command (`flush`).
+local function new_batch()
+  return { q = {}, ix = { {}, {}, {} }, po = { {}, {}, {} }, un = { {}, {}, {} }, sent = {} }
+end
+
+local function flush(k)
+  local b = k.batch
+  local function rem(cmd, key, list)
+    for i = 1, #list, 256 do
+      redis.call(cmd, key, unpack(list, i, math.min(i + 255, #list)))
+    end
+  end
+  rem('XDEL', k.q, b.q)
+  for p = 1, 3 do
+    rem('ZREM', k.ix[p], b.ix[p])
+    rem('ZREM', k.po[p], b.po[p])
+    if p ~= CHAT then
+      rem('ZREM', k.un[p], b.un[p])
+    end
+  end
+  rem('ZREM', k.sent, b.sent)
+  k.batch = new_batch()
+end
+
+-- Removes one item and its index entries (collected in k.batch until `flush`); its dedupe id
+-- goes too at once (or moves to the next kept item with the same id). Cursors and
+-- acknowledgement marks stay.
 local function drop(k, e, touched)
-  redis.call('XDEL', k.q, sid(e.off))
+  local b = k.batch
   local prefix = lp(e.f)
-  redis.call('ZREM', k.ix[e.p], prefix .. pad(e.off))
-  redis.call('ZREM', k.po[e.p], fmt(e.off))
+  b.q[#b.q + 1] = sid(e.off)
+  b.ix[e.p][#b.ix[e.p] + 1] = prefix .. pad(e.off)
+  b.po[e.p][#b.po[e.p] + 1] = fmt(e.off)
   if e.p == CHAT then
     touched[e.f] = true
     if e.f == k.user and e.t ~= '' then
-      redis.call('ZREM', k.sent, lp(e.t) .. pad(e.off))
+      b.sent[#b.sent + 1] = lp(e.t) .. pad(e.off)
     end
   else
-    redis.call('ZREM', k.un[e.p], fmt(e.off))
+    b.un[e.p][#b.un[e.p] + 1] = fmt(e.off)
   end
   if e.m ~= '' then
     local idf = prefix .. e.m
     local xf = '#' .. idf
-    local extra = num(redis.call('HGET', k.ids, xf))
-    if num(redis.call('HGET', k.ids, idf)) == e.off then
+    local v = redis.call('HMGET', k.ids, idf, xf)
+    local extra = num(v[2])
+    if num(v[1]) == e.off then
       local nxt = nil
       if extra > 0 then
+        -- The indexes must not list what was dropped before.
+        flush(k)
         nxt = next_same(k, e)
       end
       if nxt then
@@ -264,77 +275,168 @@ local function drop(k, e, touched)
   end
 end
 
--- When retention may next drop something: the first droppable item's time + retention, looking
--- at the first DUE_SCAN items (past them: again in a sixteenth of the retention); nothing
--- droppable at all: not scheduled (an append or acknowledgement schedules it again).
-local function schedule(k, now, cfg, due)
-  if cfg.retention <= 0 then
-    redis.call('ZREM', due, k.user)
-    return
+-- Where the droppable items are, as ranges of indexes: the user's own items (its key in every
+-- partition), and per acknowledgement mark the items it covers (a sender's range up to its mark,
+-- or every item of the partition up to the mark for every sender). Each source is a function
+-- (lo, n) giving up to n (> 0) of its offsets from lo on, ascending.
+local function droppable_sources(k)
+  local sources = {}
+  local own = lp(k.user)
+  for p = 1, 3 do
+    local key = k.ix[p]
+    sources[#sources + 1] = function(lo, n)
+      return lex_range(key, own, lo, MAXOFF, n, false)
+    end
   end
-  local found, seen, more = nil, 0, false
-  scan(k, function(e)
-    if droppable(k, e) then
-      found = e
-      return false
+  local marks = redis.call('HGETALL', k.ack)
+  for i = 1, #marks, 2 do
+    local field, w = marks[i], tonumber(marks[i + 1])
+    local sep = string.find(field, '|', 1, true)
+    local p = sep and tonumber(string.sub(field, 1, sep - 1))
+    if p and k.ix[p] and w and w > 0 then
+      local from = string.sub(field, sep + 1)
+      if from == '' then
+        local key = k.po[p]
+        sources[#sources + 1] = function(lo, n)
+          if lo > w then
+            return {}
+          end
+          return tonumbers(redis.call('ZRANGEBYSCORE', key, fmt(lo), fmt(w), 'LIMIT', '0', fmt(n)))
+        end
+      else
+        local key, prefix = k.ix[p], lp(from)
+        sources[#sources + 1] = function(lo, n)
+          return lex_range(key, prefix, lo, w, n, false)
+        end
+      end
     end
-    seen = seen + 1
-    if seen >= DUE_SCAN then
-      more = true
-      return false
+  end
+  return sources
+end
+
+-- Calls fn on the offset of every droppable item, oldest first (a merge of the sources), until
+-- it returns false. fn may drop the item.
+local function each_droppable(k, fn)
+  local sources = droppable_sources(k)
+  local buf, pos, lo, done = {}, {}, {}, {}
+  for i = 1, #sources do
+    buf[i], pos[i], lo[i], done[i] = {}, 1, 1, false
+  end
+  local function head(i)
+    if pos[i] > #buf[i] then
+      if done[i] then
+        return nil
+      end
+      buf[i], pos[i] = sources[i](lo[i], SCAN), 1
+      if #buf[i] < SCAN then
+        done[i] = true
+      end
+      if #buf[i] == 0 then
+        return nil
+      end
+      lo[i] = buf[i][#buf[i]] + 1
     end
-    return true
-  end)
-  if found then
-    redis.call('ZADD', due, fmt(found.ts + cfg.retention), k.user)
-  elseif more then
-    redis.call('ZADD', due, fmt(now + math.max(1, math.floor(cfg.retention / 16))), k.user)
+    return buf[i][pos[i]]
+  end
+  while true do
+    local best = nil
+    for i = 1, #sources do
+      local v = head(i)
+      if v and (best == nil or v < best) then
+        best = v
+      end
+    end
+    if best == nil then
+      return
+    end
+    for i = 1, #sources do
+      if head(i) == best then
+        pos[i] = pos[i] + 1
+      end
+    end
+    if not fn(best) then
+      return
+    end
+  end
+end
+
+-- When retention may next drop something: the oldest droppable item's time + retention (times
+-- never decrease along the stream); nothing droppable: not scheduled (an append of an own copy
+-- or an acknowledgement schedules it again).
+local function schedule(k, cfg, due)
+  local first = nil
+  if cfg.retention > 0 then
+    each_droppable(k, function(o)
+      first = entry(k, o)
+      return first == nil
+    end)
+  end
+  if first then
+    redis.call('ZADD', due, fmt(first.ts + cfg.retention), k.user)
   else
     redis.call('ZREM', due, k.user)
   end
 end
 
 -- Compaction, the file store's rules: droppable items older than the retention go; then, over
--- `cfg.max` items, droppable items oldest first, then the oldest of the others.
+-- `cfg.max` items, droppable items oldest first, then the oldest of the others. Finds droppable
+-- items through the indexes (never walks the kept part of the queue).
 -- Returns { dropped, dropped_unacked, kept }.
 local function compact(k, now, cfg, due)
   local dropped, dropped_unacked = 0, 0
   local touched = {}
+  k.batch = new_batch()
   if cfg.retention > 0 then
     local cutoff = now - cfg.retention
-    -- Timestamps never decrease along the stream (see `append_item`): the old items are a prefix.
-    scan(k, function(e)
+    -- Times never decrease along the stream (see `append_item`): the old ones come first.
+    each_droppable(k, function(o)
+      local e = entry(k, o)
+      if e == nil then
+        return true
+      end
       if e.ts >= cutoff then
         return false
       end
-      if droppable(k, e) then
+      drop(k, e, touched)
+      dropped = dropped + 1
+      return true
+    end)
+    flush(k)
+  end
+  local kept = redis.call('XLEN', k.q)
+  if cfg.max > 0 and kept > cfg.max then
+    each_droppable(k, function(o)
+      if kept <= cfg.max then
+        return false
+      end
+      local e = entry(k, o)
+      if e then
+        if not acked(k, e) then
+          dropped_unacked = dropped_unacked + 1
+        end
         drop(k, e, touched)
         dropped = dropped + 1
+        kept = kept - 1
       end
       return true
     end)
-  end
-  local kept = redis.call('XLEN', k.q)
-  if cfg.max > 0 then
-    for pass = 1, 2 do
-      if kept <= cfg.max then
+    flush(k)
+    -- Every droppable item is gone: the oldest of the rest.
+    while kept > cfg.max do
+      local r = redis.call('XRANGE', k.q, '-', '+', 'COUNT', fmt(math.min(kept - cfg.max, SCAN)))
+      if #r == 0 then
         break
       end
-      scan(k, function(e)
-        if kept <= cfg.max then
-          return false
+      for _, raw in ipairs(r) do
+        local e = parse(raw)
+        if not acked(k, e) then
+          dropped_unacked = dropped_unacked + 1
         end
-        -- The second pass only runs once every droppable item is gone.
-        if pass == 2 or droppable(k, e) then
-          if not acked(k, e) then
-            dropped_unacked = dropped_unacked + 1
-          end
-          drop(k, e, touched)
-          dropped = dropped + 1
-          kept = kept - 1
-        end
-        return true
-      end)
+        drop(k, e, touched)
+        dropped = dropped + 1
+        kept = kept - 1
+      end
+      flush(k)
     end
   end
   for f, _ in pairs(touched) do
@@ -351,7 +453,7 @@ local function compact(k, now, cfg, due)
       redis.call('XTRIM', k.q, 'MAXLEN', '0')
     end
   end
-  schedule(k, now, cfg, due)
+  schedule(k, cfg, due)
   return { dropped, dropped_unacked, kept }
 end
 
