@@ -15,6 +15,10 @@ use std::{
 };
 use tokio::sync::Notify;
 
+/// How often queues whose retention may be due are compacted (by whichever node looks first).
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// Users compacted per round.
+const COMPACT_USERS: usize = 100;
 /// How often due OFFLINE announcements and lapsed leases are looked for.
 const SWEEP: Duration = Duration::from_millis(250);
 /// Connections of a dead node cleaned per Redis round trip.
@@ -183,6 +187,7 @@ async fn housekeeping(state: Shared, cluster: Arc<Cluster>, restart: Arc<Notify>
     let lease_ms = cluster.settings.lease.as_millis() as i64;
     let mut cancelled = std::pin::pin!(state.tasks.cancelled());
     let mut next_beat = Instant::now() + heartbeat;
+    let mut next_compaction = Instant::now() + COMPACT_EVERY;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SWEEP) => {}
@@ -198,6 +203,16 @@ async fn housekeeping(state: Shared, cluster: Arc<Cluster>, restart: Arc<Notify>
         }
         if cluster.resync_needed() {
             continue;
+        }
+        if Instant::now() >= next_compaction {
+            next_compaction = Instant::now() + COMPACT_EVERY;
+            match cluster.store().compact_due(COMPACT_USERS).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(users = n, "compacted queues"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction of due queues failed; retried later")
+                }
+            }
         }
         let due: Result<(Vec<String>, Vec<String>), StoreError> = cluster.check(
             cluster

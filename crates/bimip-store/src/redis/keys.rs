@@ -80,15 +80,8 @@ impl Keys {
     pub fn queue(&self, user: &str) -> String {
         self.user(user, "q")
     }
-    /// Offsets of one (partition, sender) key.
-    pub fn index(&self, user: &str, partition: i32, from: &str) -> String {
-        self.user(user, &format!("ix:{partition}:{from}"))
-    }
     pub fn senders(&self, user: &str, partition: i32) -> String {
         self.user(user, &format!("snd:{partition}"))
-    }
-    pub fn sent(&self, user: &str, to: &str) -> String {
-        self.user(user, &format!("sent:{to}"))
     }
     pub fn ids(&self, user: &str) -> String {
         self.user(user, "ids")
@@ -222,7 +215,7 @@ mod tests {
     fn user_keys_share_a_hash_tag() {
         let k = Keys::new("bimip");
         assert_eq!(k.queue("alice"), "bimip:{alice}:q");
-        assert_eq!(k.index("alice", 1, "bob"), "bimip:{alice}:ix:1:bob");
+        assert_eq!(k.sender_index("alice", 1), "bimip:{alice}:ix:1");
         assert!(k.cursors("alice").starts_with(&k.user_prefix("alice")));
         assert_eq!(k.node_channel("n1"), "bimip:ch:node:n1");
     }
