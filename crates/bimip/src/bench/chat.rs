@@ -42,6 +42,11 @@ pub struct ChatArgs {
     /// senders' node to this one (several nodes on one Redis).
     #[arg(long)]
     recipients_url: Option<String>,
+    /// With --recipients-url: spread users over both nodes so that half the messages cross
+    /// (pair i's sender on node i mod 2, its receiver on node (i / 2) mod 2), as random
+    /// placement behind a load balancer would.
+    #[arg(long)]
+    spread: bool,
     /// Process id of the recipients' node: its CPU is reported and added to the server's.
     #[arg(long)]
     recipients_pid: Option<u32>,
@@ -350,6 +355,28 @@ async fn receiver_task(
     }
 }
 
+/// Connects `users` in order, those for which `on_other(index)` holds to `other`'s node.
+async fn connect_split(
+    ctx: &Ctx,
+    other: &Ctx,
+    users: &[String],
+    offset: usize,
+    on_other: impl Fn(usize) -> bool,
+) -> anyhow::Result<(Vec<(Writer, Reader)>, f64)> {
+    let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..users.len()).partition(|&i| !on_other(i));
+    let pick = |idx: &[usize]| idx.iter().map(|&i| users[i].clone()).collect::<Vec<_>>();
+    let (a, ta) = ctx.connect_many(&pick(&mine), offset).await?;
+    let (b, tb) = other
+        .connect_many(&pick(&theirs), offset + mine.len())
+        .await?;
+    let mut slots: Vec<Option<(Writer, Reader)>> = (0..users.len()).map(|_| None).collect();
+    for (i, c) in mine.into_iter().zip(a).chain(theirs.into_iter().zip(b)) {
+        slots[i] = Some(c);
+    }
+    let conns = slots.into_iter().flatten().collect();
+    Ok((conns, ta + tb))
+}
+
 /// The second node's CPU and Redis's counters at the start of the measured window.
 struct Extra {
     node2_cpu: Option<f64>,
@@ -392,15 +419,25 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
     let window = a.window.max(1);
     let send_users: Vec<String> = (0..n).map(|i| format!("u{}", 2 * i)).collect();
     let recv_users: Vec<String> = (0..n).map(|i| format!("u{}", 2 * i + 1)).collect();
-    let (senders, t_s) = ctx.connect_many(&send_users, 0).await?;
-    let (receivers, t_r) = match &a.recipients_url {
+    let ((senders, t_s), (receivers, t_r)) = match &a.recipients_url {
         Some(url) => {
-            ctx.with_url(url)
-                .await?
-                .connect_many(&recv_users, n)
-                .await?
+            let other = ctx.with_url(url).await?;
+            if a.spread {
+                (
+                    connect_split(ctx, &other, &send_users, 0, |i| i % 2 == 1).await?,
+                    connect_split(ctx, &other, &recv_users, n, |i| (i / 2) % 2 == 1).await?,
+                )
+            } else {
+                (
+                    ctx.connect_many(&send_users, 0).await?,
+                    other.connect_many(&recv_users, n).await?,
+                )
+            }
         }
-        None => ctx.connect_many(&recv_users, n).await?,
+        None => (
+            ctx.connect_many(&send_users, 0).await?,
+            ctx.connect_many(&recv_users, n).await?,
+        ),
     };
     // Let the ONLINE fan-outs and login traffic settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -509,6 +546,7 @@ pub async fn run(ctx: &Ctx, a: ChatArgs) -> anyhow::Result<()> {
     if let Some((node2_cpu, redis)) = extra {
         let both = m.server_cpu.zip(node2_cpu).map(|(a, b)| a + b);
         rec["recipients_node"] = json!(a.recipients_url);
+        rec["spread"] = json!(a.spread);
         rec["recipients_cpu_s"] = json!(node2_cpu.map(|c| round(c, 2)));
         rec["nodes_cpu_us_per_msg"] = json!(
             both.filter(|_| in_window > 0)
