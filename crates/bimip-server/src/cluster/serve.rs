@@ -389,7 +389,9 @@ async fn adopt_orphan_jobs(state: &Shared, cluster: &Cluster) {
                 .filter(|j| tags.contains(&(j.id >> shift)))
                 .collect();
             let n = state.outbox.adopt(mine);
-            tracing::info!(tags = ?tags, jobs = n, "took over the push jobs of a dead node");
+            if n > 0 {
+                tracing::info!(tags = ?tags, jobs = n, "took over the push jobs of a dead node");
+            }
         }
         Err(e) => tracing::warn!(error = %e, "reading the push jobs of a dead node failed"),
     }
