@@ -63,7 +63,9 @@ cap_pid() { # cap_pid NAME PID: PID gets $CAP of a core
   local g=$CG/bimip-bench-$1
   mkdir -p "$g"
   echo 100000 >"$g/cpu.cfs_period_us"
-  python3 -c "print(int($CAP*100000))" >"$g/cpu.cfs_quota_us"
+  local quota
+  quota=$(python3 -c "print(round($CAP*100000))")
+  echo "$quota" >"$g/cpu.cfs_quota_us"
   for t in /proc/"$2"/task/*; do echo "${t##*/}" >"$g/tasks"; done
 }
 uncap() { for g in "$CG"/bimip-bench-*; do [ -d "$g" ] && rmdir "$g" 2>/dev/null || true; done; }
@@ -85,6 +87,7 @@ stop_nodes() {
 }
 trap 'stop_nodes; stop_redis; uncap' EXIT
 
+[ "${SKIP_UNCAPPED:-0}" = 1 ] && RATES=
 for rate in $RATES; do
   start_nodes 1
   run --label file chat --pairs "$PAIRS" --rate "$rate" --duration "$DURATION"

@@ -103,6 +103,7 @@ impl Cluster {
             linked_since: AtomicI64::new(bimip_proto::now_ms()),
             last_probe: AtomicI64::new(bimip_proto::now_ms()),
         };
+        c.load_scripts().await?;
         c.take_lease().await?;
         Ok(c)
     }
@@ -124,6 +125,18 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Loads the store's and the cluster's scripts into Redis (at start, and after Redis came
+    /// back: a restarted Redis has an empty script cache).
+    pub async fn load_scripts(&self) -> Result<(), StoreError> {
+        let s = &self.scripts;
+        let mine = [&s.connect, &s.disconnect, &s.offline, &s.route, &s.lease, &s.due, &s.job_tags];
+        let r = self.store.load_scripts(&mine).await;
+        if let Err(e) = &r {
+            self.failed(e);
+        }
+        r
     }
 
     fn conn(&self) -> ConnectionManager {

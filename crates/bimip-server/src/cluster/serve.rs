@@ -56,6 +56,8 @@ async fn subscriber(state: Shared, cluster: Arc<Cluster>, restart: Arc<Notify>) 
                     .last_probe
                     .store(bimip_proto::now_ms(), Ordering::Release);
                 if !first {
+                    // Redis may have restarted, with an empty script cache.
+                    let _ = cluster.load_scripts().await;
                     tracing::info!(
                         "cluster subscription back: re-sending connections their fan-out"
                     );
@@ -288,6 +290,7 @@ async fn resync(state: &Shared, cluster: &Arc<Cluster>) -> Result<(), StoreError
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = new.clone();
     cluster.resync.store(false, Ordering::Release);
+    cluster.load_scripts().await?;
     cluster.take_lease().await?;
     let conns = state.hub.local_connections();
     let mut announce = Vec::new();

@@ -35,6 +35,9 @@ pub use push::JOB_TOMBSTONE_TTL;
 
 use crate::StoreError;
 
+/// Requests queued in the client before they are written to Redis.
+const PIPELINE_BUFFER: usize = 4096;
+
 /// How a Redis backend connects and what it keeps.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -89,7 +92,11 @@ impl RedisStore {
             .set_response_timeout(Some(cfg.response_timeout))
             .set_connection_timeout(Some(cfg.response_timeout))
             .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
+            .set_max_delay(Duration::from_secs(2))
+            // The client's queue of requests not yet written. With its default (50) and about
+            // 1,600 requests waiting on it, the connection was seen to stop sending altogether
+            // (bench chat, 200 pairs × 8 in flight); with this size it keeps going.
+            .set_pipeline_buffer_size(PIPELINE_BUFFER);
         let conn = client
             .get_connection_manager_with_config(mcfg)
             .await
@@ -104,6 +111,9 @@ impl RedisStore {
             }),
         };
         let version = store.server_version().await?;
+        if version >= (7, 0) {
+            store.load_scripts(&[]).await?;
+        }
         if version < (7, 0) {
             return Err(StoreError::Invalid(format!(
                 "redis {}.{} is too old: bimip needs 7.0 or later",
@@ -111,6 +121,24 @@ impl RedisStore {
             )));
         }
         Ok(store)
+    }
+
+    /// Loads the store's scripts, and `extra`, into Redis's script cache. Done at
+    /// start and after Redis was restarted (its cache is empty then): otherwise every request in
+    /// flight would find its script missing at once and load it again, each load compiling the
+    /// same script, which under load delays everything behind it past the timeout.
+    pub async fn load_scripts(&self, extra: &[&redis::Script]) -> Result<(), StoreError> {
+        let all = queue::scripts()
+            .into_iter()
+            .chain(profile::scripts())
+            .chain(push::scripts())
+            .chain(revocations::scripts())
+            .chain(extra.iter().copied());
+        let mut conn = self.connection();
+        for s in all {
+            s.load_async(&mut conn).await.map_err(map_err)?;
+        }
+        Ok(())
     }
 
     /// The key names this store uses.

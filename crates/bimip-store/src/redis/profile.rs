@@ -335,3 +335,8 @@ impl ProfileStore for RedisStore {
         self.decode_profile(user, raw)
     }
 }
+
+/// Every script of this module (loaded into Redis ahead of use).
+pub(crate) fn scripts() -> Vec<&'static Script> {
+    vec![&*CONTACTS, &*REMOVE_CONTACT, &*BLOCK, &*PRESENCE]
+}

@@ -543,3 +543,8 @@ impl QueueStore for RedisStore {
         self.inner.closed.store(true, Ordering::Release);
     }
 }
+
+/// Every script of this module (loaded into Redis ahead of use).
+pub(crate) fn scripts() -> Vec<&'static Script> {
+    vec![&*APPEND, &*APPEND_COPY, &*ACK, &*READ, &*PENDING, &*UNREAD, &*COMPACT, &*DUE]
+}

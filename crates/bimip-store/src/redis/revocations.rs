@@ -51,3 +51,8 @@ impl RedisStore {
         Ok(())
     }
 }
+
+/// Every script of this module (loaded into Redis ahead of use).
+pub(crate) fn scripts() -> Vec<&'static Script> {
+    vec![&*PUT]
+}
