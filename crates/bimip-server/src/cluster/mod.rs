@@ -131,7 +131,15 @@ impl Cluster {
     /// back: a restarted Redis has an empty script cache).
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let s = &self.scripts;
-        let mine = [&s.connect, &s.disconnect, &s.offline, &s.route, &s.lease, &s.due, &s.job_tags];
+        let mine = [
+            &s.connect,
+            &s.disconnect,
+            &s.offline,
+            &s.route,
+            &s.lease,
+            &s.due,
+            &s.job_tags,
+        ];
         let r = self.store.load_scripts(&mine).await;
         if let Err(e) = &r {
             self.failed(e);

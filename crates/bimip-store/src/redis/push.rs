@@ -507,5 +507,11 @@ impl PushStore for RedisStore {
 
 /// Every script of this module (loaded into Redis ahead of use).
 pub(crate) fn scripts() -> Vec<&'static Script> {
-    vec![&*TOKEN_PUT, &*TOKEN_REMOVE, &*TOKEN_CAS, &*JOBS_PUT, &*JOBS_REMOVE]
+    vec![
+        &*TOKEN_PUT,
+        &*TOKEN_REMOVE,
+        &*TOKEN_CAS,
+        &*JOBS_PUT,
+        &*JOBS_REMOVE,
+    ]
 }

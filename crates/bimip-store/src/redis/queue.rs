@@ -546,5 +546,14 @@ impl QueueStore for RedisStore {
 
 /// Every script of this module (loaded into Redis ahead of use).
 pub(crate) fn scripts() -> Vec<&'static Script> {
-    vec![&*APPEND, &*APPEND_COPY, &*ACK, &*READ, &*PENDING, &*UNREAD, &*COMPACT, &*DUE]
+    vec![
+        &*APPEND,
+        &*APPEND_COPY,
+        &*ACK,
+        &*READ,
+        &*PENDING,
+        &*UNREAD,
+        &*COMPACT,
+        &*DUE,
+    ]
 }
