@@ -517,3 +517,59 @@ async fn a_broken_subscription_is_healed_and_the_fan_out_sent_again() {
     .await
     .expect("real time again");
 }
+
+#[tokio::test]
+async fn start_warns_about_redis_settings_that_lose_acknowledged_messages() {
+    let redis = redis();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for (k, v) in [
+        ("appendfsync", "everysec"),
+        ("maxmemory-policy", "allkeys-lru"),
+        ("requirepass", "redis-pw-SHOULD-NOT-LEAK"),
+    ] {
+        let () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let url = format!(
+        "redis://default:redis-pw-SHOULD-NOT-LEAK@127.0.0.1:{}",
+        redis.port()
+    );
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bimip"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "info"])
+        .args(["--jwt-secret", SECRET, "--redis", &url, "--node-id", "w1"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let addr = line
+        .strip_prefix("bimip listening on http://")
+        .and_then(|r| r.split_whitespace().next())
+        .expect("listening line")
+        .to_string();
+    // Requests wait until the store is open, so this answers after the settings were checked.
+    let ready = http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let err = terminate_and_read_stderr(&mut child);
+    assert!(err.contains("appendfsync=everysec"), "{err}");
+    assert!(err.contains("maxmemory-policy=allkeys-lru"), "{err}");
+    assert!(
+        !err.contains("redis-pw-SHOULD-NOT-LEAK"),
+        "the password was logged: {err}"
+    );
+}
