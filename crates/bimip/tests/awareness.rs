@@ -10,31 +10,10 @@ use bimip_proto::{
     v1::{self, ErrorCode, Status},
 };
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 
 const FAST_GRACE: &[&str] = &["--presence-grace-ms", "100"];
-
-async fn api(s: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = http().request(method, s.http(path)).bearer_auth(API_KEY);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-async fn contact(s: &Server, user: &str, other: &str) {
-    let (st, v) = api(
-        s,
-        reqwest::Method::PUT,
-        &format!("/v1/users/{user}/contacts/{other}"),
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
-}
 
 /// The next Awareness frame about `from` with `status`, skipping others.
 async fn awareness(c: &mut Client, from: &str, status: Status) -> v1::Awareness {

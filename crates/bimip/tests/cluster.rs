@@ -13,7 +13,7 @@ use bimip_proto::{
 };
 use bimip_store::redis::test_server::RedisServer;
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 fn node(redis: &RedisServer, name: &str, extra: &[&str]) -> Server {
@@ -38,27 +38,6 @@ fn node(redis: &RedisServer, name: &str, extra: &[&str]) -> Server {
 
 fn redis() -> RedisServer {
     RedisServer::start().expect("redis-server (install it, or set BIMIP_REDIS_SERVER)")
-}
-
-async fn api(s: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = http().request(method, s.http(path)).bearer_auth(API_KEY);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-async fn contacts(s: &Server, a: &str, b: &str) {
-    let (st, v) = api(
-        s,
-        reqwest::Method::PUT,
-        &format!("/v1/users/{a}/contacts/{b}"),
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
 }
 
 async fn awareness(c: &mut Client, from: &str, status: Status) -> v1::Awareness {
@@ -219,7 +198,7 @@ async fn presence_intent_typing_and_invisibility_across_nodes() {
     let redis = redis();
     let n1 = node(&redis, "n1", &[]);
     let n2 = node(&redis, "n2", &[]);
-    contacts(&n1, "ann", "ben").await;
+    contact(&n1, "ann", "ben").await;
     let (mut ann, _) = n1.online("ann", "phone").await;
     // ben comes online on n2: ann (n1) is told once.
     let (mut ben, _) = n2.online("ben", "phone").await;
@@ -286,8 +265,8 @@ async fn a_killed_node_s_users_go_offline_once_and_users_connected_elsewhere_sta
     let n2 = node(&redis, "n2", &[]);
     let mut n3 = node(&redis, "n3", &[]);
     for u in ["dan", "eve"] {
-        contacts(&n1, "watcher1", u).await;
-        contacts(&n1, "watcher2", u).await;
+        contact(&n1, "watcher1", u).await;
+        contact(&n1, "watcher2", u).await;
     }
     let (mut w1, _) = n1.online("watcher1", "phone").await;
     let (mut w2, _) = n2.online("watcher2", "phone").await;
@@ -324,7 +303,7 @@ async fn production_timings_announce_a_crashed_node_s_users_within_30_seconds() 
     let url = redis.url();
     let n1 = Server::start(&["--redis", &url, "--node-id", "p1"]);
     let mut n2 = Server::start(&["--redis", &url, "--node-id", "p2"]);
-    contacts(&n1, "w", "gus").await;
+    contact(&n1, "w", "gus").await;
     let (mut w, _) = n1.online("w", "phone").await;
     let (_gus, _) = n2.online("gus", "phone").await;
     awareness(&mut w, "gus", Status::Online).await;
@@ -341,7 +320,7 @@ async fn a_redis_outage_refuses_sends_keeps_connections_and_loses_nothing() {
     let mut redis = redis();
     let n1 = node(&redis, "n1", &[]);
     let n2 = node(&redis, "n2", &[]);
-    contacts(&n1, "fay", "gil").await;
+    contact(&n1, "fay", "gil").await;
     let (mut fay, _) = n1.online("fay", "phone").await;
     let (mut gil, _) = n2.online("gil", "phone").await;
     awareness(&mut fay, "gil", Status::Online).await;
@@ -418,7 +397,7 @@ async fn a_paused_node_is_reaped_and_re_announces_its_users_when_it_resumes() {
     let redis = redis();
     let n1 = node(&redis, "n1", &[]);
     let n2 = node(&redis, "n2", &[]);
-    contacts(&n1, "hal", "ivy").await;
+    contact(&n1, "hal", "ivy").await;
     let (mut hal, _) = n1.online("hal", "phone").await;
     let (_ivy, _) = n2.online("ivy", "phone").await;
     awareness(&mut hal, "ivy", Status::Online).await;
@@ -447,7 +426,7 @@ async fn a_clean_stop_removes_the_node_at_once() {
     let redis = redis();
     let n1 = node(&redis, "n1", &[]);
     let mut n2 = node(&redis, "n2", &[]);
-    contacts(&n1, "jo", "kim").await;
+    contact(&n1, "jo", "kim").await;
     let (mut jo, _) = n1.online("jo", "phone").await;
     let (_kim, _) = n2.online("kim", "phone").await;
     awareness(&mut jo, "kim", Status::Online).await;

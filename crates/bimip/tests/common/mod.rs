@@ -443,3 +443,31 @@ pub fn terminate_and_read_stderr(child: &mut std::process::Child) -> String {
     let _ = child.wait();
     err
 }
+
+/// An HTTP request with the API key; the status and the JSON body (Null when there is none).
+pub async fn api(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut r = http().request(method, s.http(path)).bearer_auth(API_KEY);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `user` adds `other` as a contact (mutual), through the API.
+pub async fn contact(s: &Server, user: &str, other: &str) {
+    let (st, v) = api(
+        s,
+        reqwest::Method::PUT,
+        &format!("/v1/users/{user}/contacts/{other}"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+}
