@@ -1015,11 +1015,24 @@ impl fmt::Display for RedisUserDump {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "user {} (in users set: {})", self.user, self.listed)?;
         match &self.profile {
-            Some(p) => writeln!(f, "profile: {p:?}")?,
+            Some(p) => write_profile(f, p)?,
             None => writeln!(f, "profile: does not decode")?,
         }
         for t in &self.tokens {
-            writeln!(f, "token: {t:?}")?;
+            writeln!(
+                f,
+                "token: device={} platform={} token={} registered_at={}{}",
+                t.device,
+                bimip_proto::v1::Platform::try_from(t.platform)
+                    .map(|p| p
+                        .as_str_name()
+                        .trim_start_matches("PLATFORM_")
+                        .to_lowercase())
+                    .unwrap_or_else(|_| t.platform.to_string()),
+                mask(&t.token),
+                t.registered_at,
+                if t.sandbox { " sandbox" } else { "" }
+            )?;
         }
         for m in &self.mutes {
             writeln!(f, "mute: {} since {}", m.other, m.since)?;
@@ -1028,25 +1041,161 @@ impl fmt::Display for RedisUserDump {
             writeln!(f, "revoked: tokens issued before {nb}")?;
         }
         match &self.seq {
-            Some(s) => writeln!(f, "seq: {s}")?,
-            None => writeln!(f, "seq: none")?,
+            Some(s) => writeln!(f, "last offset given out (seq): {}", plain(s))?,
+            None => writeln!(f, "last offset given out (seq): none")?,
         }
-        writeln!(f, "queue: {} items", self.queue.len())?;
+        writeln!(f, "queue ({} items):", self.queue.len())?;
         for e in &self.queue {
-            write!(f, "  {}", e.id)?;
-            for (k, v) in &e.fields {
-                write!(f, " {k}={v}")?;
-            }
-            writeln!(f)?;
+            write_entry(f, e)?;
         }
-        for (k, v) in &self.cursors {
-            writeln!(f, "cursor: {k:?} = {v}")?;
+        // The maxima kept beside the cursors (`d|`, `k|`, `a|`) are derived: left out.
+        let cursors: Vec<_> = self
+            .cursors
+            .iter()
+            .filter(|(k, _)| !["d|", "k|", "a|"].iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| cursor_line(k, v).unwrap_or_else(|| format!("{k:?} = {v}")))
+            .collect();
+        writeln!(f, "cursors ({}):", cursors.len())?;
+        for c in cursors {
+            writeln!(f, "  {c}")?;
         }
         for p in &self.problems {
             writeln!(f, "problem: {p}")?;
         }
         Ok(())
     }
+}
+
+fn write_profile(f: &mut fmt::Formatter<'_>, p: &Profile) -> fmt::Result {
+    let list = |m: &mut dyn Iterator<Item = String>| {
+        let v: Vec<String> = m.collect();
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let rel = |m: &std::collections::BTreeMap<String, bool>| {
+        list(&mut m.iter().map(|(u, one_way)| {
+            if *one_way {
+                format!("{u} (one way)")
+            } else {
+                u.clone()
+            }
+        }))
+    };
+    writeln!(f, "contacts: {}", rel(&p.contacts))?;
+    writeln!(f, "listed by: {}", rel(&p.listed_by))?;
+    writeln!(f, "blocks: {}", list(&mut p.blocks.iter().cloned()))?;
+    writeln!(f, "blocked by: {}", list(&mut p.blocked_by.iter().cloned()))?;
+    writeln!(
+        f,
+        "intent: {:?}{} invisible={} last_seen={}",
+        p.intent,
+        if p.details.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", p.details)
+        },
+        p.invisible,
+        p.last_seen
+    )
+}
+
+/// A value as text, without quotes (bytes that are not UTF-8 as `RawValue` shows them).
+fn plain(v: &RawValue) -> String {
+    match v {
+        RawValue::Text(t) => t.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The first and last four characters of a token.
+fn mask(token: &str) -> String {
+    let n = token.chars().count();
+    if n <= 8 {
+        return "…".into();
+    }
+    let head: String = token.chars().take(4).collect();
+    let tail: String = token.chars().skip(n - 4).collect();
+    format!("{head}…{tail}")
+}
+
+/// One stream entry as `#<offset> <partition> <from>→<to> id=… device=… at=… "payload"`, or its
+/// fields as they are when it does not have the queue's layout.
+fn write_entry(f: &mut fmt::Formatter<'_>, e: &RedisStreamEntry) -> fmt::Result {
+    let has = |k: &str| e.fields.iter().any(|(name, _)| name == k);
+    if !["p", "f", "t", "b", "ts", "m", "d", "po"]
+        .iter()
+        .all(|k| has(k))
+    {
+        write!(f, "  {}", e.id)?;
+        for (k, v) in &e.fields {
+            write!(f, " {k}={v}")?;
+        }
+        return writeln!(f);
+    }
+    let field = |k: &str| {
+        e.fields
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| plain(v))
+            .unwrap_or_default()
+    };
+    let partition = match field("p").as_str() {
+        "1" => "chat".to_string(),
+        "2" => "notification".to_string(),
+        "3" => "receipt".to_string(),
+        other => format!("partition({other})"),
+    };
+    let peer = match field("po").as_str() {
+        "" | "0" => String::new(),
+        po => format!(" peer_offset={po}"),
+    };
+    writeln!(
+        f,
+        "  #{} {partition} {}→{} id={} device={} at={}{peer} {:?}",
+        e.offset.map_or_else(|| e.id.clone(), |o| o.to_string()),
+        field("f"),
+        field("t"),
+        field("m"),
+        field("d"),
+        field("ts"),
+        field("b"),
+    )
+}
+
+/// A device cursor field (`c|<p>|<kind>|<len>:<from><device>`) as a readable line.
+fn cursor_line(k: &str, v: &RawValue) -> Option<String> {
+    let mut parts = k.splitn(4, '|');
+    if parts.next()? != "c" {
+        return None;
+    }
+    let partition = match parts.next()? {
+        "1" => "chat",
+        "2" => "notification",
+        "3" => "receipt",
+        _ => "partition(?)",
+    };
+    let kind = match parts.next()? {
+        "1" => "DELIVERED",
+        "2" => "READ",
+        _ => "-",
+    };
+    let rest = parts.next()?;
+    let (len, tail) = rest.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let from = tail.get(..len)?;
+    let device = tail.get(len..)?;
+    let from = if from.is_empty() {
+        "(every sender)"
+    } else {
+        from
+    };
+    Some(format!(
+        "device={device} {partition} from={from} {kind} next_offset={}",
+        plain(v)
+    ))
 }
 
 /// Stream entries read per `XRANGE`.
