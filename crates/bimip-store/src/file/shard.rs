@@ -188,6 +188,90 @@ struct Dirty {
     appends: usize,
 }
 
+/// Batches whose lines are written and wait for the `syncfs` that makes them durable: `(user,
+/// replies, appends)` per user.
+type Waiting = Vec<(String, Vec<Deferred>, usize)>;
+
+/// Runs the `syncfs` of `fsync = batch` commits on its own thread, so the shard writes the next
+/// batch while the previous one is being synced (pipelined group commit). A batch is answered
+/// only after a `syncfs` that began once its lines were written: the thread takes every batch
+/// queued when it wakes, syncs once, answers them all.
+struct Syncer {
+    tx: Option<std::sync::mpsc::Sender<Waiting>>,
+    /// Users of batches whose `syncfs` failed: the shard reloads them from disk.
+    failed: std::sync::mpsc::Receiver<Vec<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(data_dir: PathBuf, observer: Option<Arc<dyn StoreObserver>>) -> Syncer {
+        let (tx, rx) = std::sync::mpsc::channel::<Waiting>();
+        let (failed_tx, failed) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("bimip-store-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    jobs.extend(rx.try_iter());
+                    let t = Instant::now();
+                    let r = profile::syncfs(&data_dir);
+                    let took = t.elapsed();
+                    match r {
+                        Ok(()) => {
+                            let mut appends = 0;
+                            for (_, replies, n) in jobs.into_iter().flatten() {
+                                appends += n;
+                                replies.into_iter().for_each(Deferred::send_ok);
+                            }
+                            if let Some(obs) = &observer {
+                                obs.fsync(took, appends);
+                            }
+                        }
+                        Err(e) => {
+                            // The lines are in the files but not known durable: answer an error
+                            // (a client's resend is then recognised as a duplicate) and have the
+                            // shard reload the users.
+                            tracing::error!(error = %e, "store syncfs failed; the batch is answered with an error");
+                            let mut users = Vec::new();
+                            for (user, replies, _) in jobs.into_iter().flatten() {
+                                for r in replies {
+                                    r.send_err(io_err(
+                                        &data_dir,
+                                        std::io::Error::new(e.kind(), e.to_string()),
+                                    ));
+                                }
+                                users.push(user);
+                            }
+                            let _ = failed_tx.send(users);
+                        }
+                    }
+                }
+            })
+            .ok();
+        Syncer {
+            tx: thread.as_ref().map(|_| tx),
+            failed,
+            thread,
+        }
+    }
+
+    /// Hands a written batch over; gives it back when the thread is gone.
+    fn submit(&self, waiting: Waiting) -> Result<(), Waiting> {
+        match &self.tx {
+            Some(tx) => tx.send(waiting).map_err(|e| e.0),
+            None => Err(waiting),
+        }
+    }
+
+    /// Waits until every handed-over batch is synced and answered.
+    fn finish(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Users written in one batch from which the batch is made durable with one `syncfs` instead of
 /// one fsync per file.
 const SYNCFS_MIN_USERS: usize = 3;
@@ -258,6 +342,8 @@ pub(crate) struct Shard {
     /// Users whose cached profile has advisory changes (last seen) not yet written.
     lazy: HashSet<String>,
     maint: Maintenance,
+    /// With `fsync = batch`: the thread that syncs written batches while the next is written.
+    syncer: Option<Syncer>,
 }
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
@@ -315,6 +401,8 @@ impl Shard {
                 due: cfg.due.iter().cloned().collect(),
                 ..Maintenance::default()
             },
+            syncer: (cfg.mode == FsyncMode::Batch)
+                .then(|| Syncer::start(cfg.data_dir.clone(), cfg.observer.clone())),
             cfg,
         }
     }
@@ -325,6 +413,7 @@ impl Shard {
             // Copies handed over by other shards first: at shutdown they are all here before
             // the `Shutdown` command (see `FileStore::shutdown`), so none is refused.
             let mut batch = Vec::with_capacity(64);
+            self.reload_failed();
             self.inbox().drain_into(&mut batch);
             batch.push(first);
             while batch.len() < MAX_BATCH {
@@ -363,6 +452,9 @@ impl Shard {
                 self.inbox().close();
                 self.flush_lazy(usize::MAX);
                 self.sync_unsynced();
+                if let Some(s) = &mut self.syncer {
+                    s.finish();
+                }
                 let _ = reply.send(());
                 return;
             }
@@ -376,6 +468,18 @@ impl Shard {
         self.commit();
         self.flush_lazy(usize::MAX);
         self.sync_unsynced();
+        if let Some(s) = &mut self.syncer {
+            s.finish();
+        }
+    }
+
+    /// Users whose batch's `syncfs` failed are reloaded from their files on next touch.
+    fn reload_failed(&mut self) {
+        let Some(s) = &self.syncer else { return };
+        let failed: Vec<String> = s.failed.try_iter().flatten().collect();
+        for user in failed {
+            self.users.pop(&user);
+        }
     }
 
     fn inbox(&self) -> &Inbox {
@@ -789,7 +893,7 @@ impl Shard {
                 }
             }
         }
-        let mut waiting: Vec<(String, Vec<Deferred>, usize)> = Vec::new();
+        let mut waiting: Waiting = Vec::new();
         for (user, d) in dirty {
             if d.lines.is_empty() {
                 d.replies.into_iter().for_each(Deferred::send_ok);
@@ -819,6 +923,14 @@ impl Shard {
                         });
                     }
                 }
+            }
+        }
+        if !waiting.is_empty()
+            && let Some(syncer) = &self.syncer
+        {
+            match syncer.submit(std::mem::take(&mut waiting)) {
+                Ok(()) => {}
+                Err(back) => waiting = back,
             }
         }
         if !waiting.is_empty() {
