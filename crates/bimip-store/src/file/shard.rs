@@ -197,7 +197,10 @@ type Waiting = Vec<(String, Vec<Deferred>, usize)>;
 /// only after a `syncfs` that began once its lines were written: the thread takes every batch
 /// queued when it wakes, syncs once, answers them all.
 struct Syncer {
-    tx: Option<std::sync::mpsc::Sender<Waiting>>,
+    tx: Option<std::sync::mpsc::Sender<(u64, Waiting)>>,
+    /// The last batch number handed over, and (shared with the thread) the last one answered.
+    submitted: u64,
+    done: Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
     /// Users of batches whose `syncfs` failed: the shard reloads them from disk.
     failed: std::sync::mpsc::Receiver<Vec<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -205,14 +208,18 @@ struct Syncer {
 
 impl Syncer {
     fn start(data_dir: PathBuf, observer: Option<Arc<dyn StoreObserver>>) -> Syncer {
-        let (tx, rx) = std::sync::mpsc::channel::<Waiting>();
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Waiting)>();
         let (failed_tx, failed) = std::sync::mpsc::channel();
+        let done = Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
+        let finished = done.clone();
         let thread = std::thread::Builder::new()
             .name("bimip-store-sync".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(rx.try_iter());
+                    let last = jobs.iter().map(|(n, _)| *n).max().unwrap_or(0);
+                    let jobs: Vec<Waiting> = jobs.into_iter().map(|(_, w)| w).collect();
                     let t = Instant::now();
                     let r = profile::syncfs(&data_dir);
                     let took = t.elapsed();
@@ -245,21 +252,44 @@ impl Syncer {
                             let _ = failed_tx.send(users);
                         }
                     }
+                    let (lock, cv) = &*finished;
+                    *lock.lock().unwrap_or_else(|p| p.into_inner()) = last;
+                    cv.notify_all();
                 }
             })
             .ok();
         Syncer {
             tx: thread.as_ref().map(|_| tx),
+            submitted: 0,
+            done,
             failed,
             thread,
         }
     }
 
-    /// Hands a written batch over; gives it back when the thread is gone.
-    fn submit(&self, waiting: Waiting) -> Result<(), Waiting> {
-        match &self.tx {
-            Some(tx) => tx.send(waiting).map_err(|e| e.0),
-            None => Err(waiting),
+    /// Hands a written batch over and returns its number; gives it back when the thread is
+    /// gone.
+    fn submit(&mut self, waiting: Waiting) -> Result<u64, Waiting> {
+        let Some(tx) = &self.tx else {
+            return Err(waiting);
+        };
+        let n = self.submitted + 1;
+        tx.send((n, waiting)).map_err(|e| e.0.1)?;
+        self.submitted = n;
+        Ok(n)
+    }
+
+    /// The last batch answered.
+    fn answered(&self) -> u64 {
+        *self.done.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until batch `n` is answered (synced, or failed).
+    fn wait_for(&self, n: u64) {
+        let (lock, cv) = &*self.done;
+        let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *done < n && self.thread.is_some() {
+            done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -344,6 +374,9 @@ pub(crate) struct Shard {
     maint: Maintenance,
     /// With `fsync = batch`: the thread that syncs written batches while the next is written.
     syncer: Option<Syncer>,
+    /// Users with lines handed to the syncer, and the batch number that covers them: a read of
+    /// such a user waits for it, so reads only ever hand out durable items.
+    in_sync: HashMap<String, u64>,
 }
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
@@ -401,6 +434,7 @@ impl Shard {
                 due: cfg.due.iter().cloned().collect(),
                 ..Maintenance::default()
             },
+            in_sync: HashMap::new(),
             syncer: (cfg.mode == FsyncMode::Batch)
                 .then(|| Syncer::start(cfg.data_dir.clone(), cfg.observer.clone())),
             cfg,
@@ -473,10 +507,24 @@ impl Shard {
         }
     }
 
+    /// Before a read of `user`: its lines still waiting in this batch are committed, and lines
+    /// still being synced are waited for, so the read hands out durable items only.
+    fn make_durable(&mut self, user: &str) {
+        if self.dirty.contains_key(user) {
+            self.commit();
+        }
+        if let (Some(n), Some(s)) = (self.in_sync.get(user), &self.syncer) {
+            s.wait_for(*n);
+            self.reload_failed();
+        }
+    }
+
     /// Users whose batch's `syncfs` failed are reloaded from their files on next touch.
     fn reload_failed(&mut self) {
         let Some(s) = &self.syncer else { return };
         let failed: Vec<String> = s.failed.try_iter().flatten().collect();
+        let answered = s.answered();
+        self.in_sync.retain(|_, n| *n > answered);
         for user in failed {
             self.users.pop(&user);
         }
@@ -591,9 +639,7 @@ impl Shard {
             Cmd::Unread { user, reply } => {
                 // Like every read, it sees only durable state: an acknowledgement still waiting
                 // in this batch must not hide a message from the push pipeline.
-                if self.dirty.contains_key(&user) {
-                    self.commit();
-                }
+                self.make_durable(&user);
                 let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|q| q.unread());
                 let _ = reply.send(r);
                 false
@@ -718,9 +764,7 @@ impl Shard {
         user: &str,
         f: impl FnOnce(&UserQueue, super::queue::ReadAt<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if self.dirty.contains_key(user) {
-            self.commit();
-        }
+        self.make_durable(user);
         user_state(&mut self.users, &self.cfg.data_dir, user)?;
         let key = file_key(user, FileKind::Queue);
         let file = if self.files.contains(&key) || queue_path(&self.cfg.data_dir, user).exists() {
@@ -926,10 +970,15 @@ impl Shard {
             }
         }
         if !waiting.is_empty()
-            && let Some(syncer) = &self.syncer
+            && let Some(syncer) = &mut self.syncer
         {
+            let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
             match syncer.submit(std::mem::take(&mut waiting)) {
-                Ok(()) => {}
+                Ok(n) => {
+                    for u in users {
+                        self.in_sync.insert(u, n);
+                    }
+                }
                 Err(back) => waiting = back,
             }
         }
