@@ -12,6 +12,7 @@ pub mod error;
 pub mod file;
 pub mod push;
 pub mod redis;
+mod rules;
 pub mod types;
 
 pub use error::StoreError;

@@ -17,6 +17,7 @@ mod shard;
 #[cfg(test)]
 mod tests;
 
+use crate::rules::check_user;
 use std::{
     path::PathBuf,
     sync::{
@@ -172,10 +173,6 @@ pub(crate) fn shard_of(user: &str, shards: usize) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h % shards as u64) as usize
-}
-
-fn check_user(user: &str) -> Result<(), StoreError> {
-    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))
 }
 
 impl FileStore {
@@ -338,15 +335,7 @@ impl ProfileStore for FileStore {
         entries: Vec<(String, bool)>,
         replace: bool,
     ) -> Result<usize, StoreError> {
-        check_user(user)?;
-        for (c, _) in &entries {
-            check_user(c)?;
-        }
-        if entries.iter().any(|(c, _)| c == user) {
-            return Err(StoreError::Invalid(format!(
-                "user {user:?} cannot list itself as a contact"
-            )));
-        }
+        crate::rules::check_contacts(user, &entries)?;
         // The last flag of a repeated contact wins.
         let wanted: std::collections::BTreeMap<String, bool> = entries.iter().cloned().collect();
         // `replace` also touches the current contacts: lock them too, and start over if they
@@ -424,13 +413,7 @@ impl ProfileStore for FileStore {
     }
 
     async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<bool, StoreError> {
-        check_user(user)?;
-        check_user(other)?;
-        if user == other {
-            return Err(StoreError::Invalid(format!(
-                "user {user:?} cannot block itself"
-            )));
-        }
+        crate::rules::check_block(user, other)?;
         let _guards = self.lock_relations([user, other]).await;
         let reverse = Edit::BlockedBy {
             by: user.to_string(),

@@ -16,10 +16,11 @@ use bimip_proto::store::{DeadLetter, DeviceToken, IdempotencyRecord, Mute, Outbo
 use prost::Message;
 use redis::{RedisResult, Value, aio::ConnectionManager};
 
-use super::profile::{RawProfile, check_user};
+use super::profile::RawProfile;
 use super::push::{holder_value, index_field, split_holder};
 use super::{Keys, RedisStore, map_err};
 use crate::push::MAX_DEAD_LETTERS;
+use crate::rules::check_user;
 use crate::{Profile, StoreError};
 
 /// One finding: a key, the field (hash field, set member, list index) if it is about one, and

@@ -8,6 +8,7 @@
 //! need the file store's ordered two-step instead. A `last_seen`-only update is written at once
 //! like any other (the contract allows it to be later; on Redis there is no reason to wait).
 
+use crate::rules::check_user;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 
@@ -28,10 +29,6 @@ static PRESENCE: LazyLock<Script> =
 
 /// How often `put_contacts` with `replace` starts over when contacts were added meanwhile.
 const MAX_ATTEMPTS: usize = 16;
-
-pub(crate) fn check_user(user: &str) -> Result<(), StoreError> {
-    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))
-}
 
 /// A profile's keys as Redis returns them (hash fields as pairs, set members).
 #[derive(Debug, Default)]
@@ -192,15 +189,7 @@ impl ProfileStore for RedisStore {
         entries: Vec<(String, bool)>,
         replace: bool,
     ) -> Result<usize, StoreError> {
-        check_user(user)?;
-        for (c, _) in &entries {
-            check_user(c)?;
-        }
-        if entries.iter().any(|(c, _)| c == user) {
-            return Err(StoreError::Invalid(format!(
-                "user {user:?} cannot list itself as a contact"
-            )));
-        }
+        crate::rules::check_contacts(user, &entries)?;
         // The last flag of a repeated contact wins.
         let wanted: BTreeMap<String, bool> = entries.into_iter().collect();
         let k = &self.inner.keys;
@@ -259,13 +248,7 @@ impl ProfileStore for RedisStore {
     }
 
     async fn set_block(&self, user: &str, other: &str, blocked: bool) -> Result<bool, StoreError> {
-        check_user(user)?;
-        check_user(other)?;
-        if user == other {
-            return Err(StoreError::Invalid(format!(
-                "user {user:?} cannot block itself"
-            )));
-        }
+        crate::rules::check_block(user, other)?;
         let k = &self.inner.keys;
         let changed: i64 = BLOCK
             .key(k.blocks(user))

@@ -21,10 +21,10 @@ use bimip_proto::store::{DeadLetter, DeviceToken, IdempotencyRecord, Mute, Outbo
 use prost::Message;
 use redis::Script;
 
-use super::profile::check_user;
 use super::{RedisStore, map_err};
 use crate::file::{check_device, check_device_token, check_idempotency_key, check_job};
 use crate::push::MAX_DEAD_LETTERS;
+use crate::rules::check_user;
 use crate::{PushStore, StoreError, TokenMatch};
 
 /// How long a removed job is remembered, so that an older put of it arriving later (from a node

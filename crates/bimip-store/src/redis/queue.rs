@@ -58,6 +58,7 @@
 //! on the way ([`StoreError::Unavailable`]) leaves it open whether the write happened: a
 //! deduplicated append can be retried.
 
+use crate::rules::check_user;
 use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 
@@ -95,10 +96,6 @@ static DUE: LazyLock<Script> = script!("due.lua");
 /// The largest offset, start or limit handed to a script (offsets stay far below; Lua numbers
 /// are exact up to here).
 const MAX_LUA: u64 = (1 << 53) - 1;
-
-fn check_user(user: &str) -> Result<(), StoreError> {
-    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))
-}
 
 /// A user's queue keys in the order `user_keys` in `lua/common.lua` reads them.
 fn queue_keys(keys: &Keys, user: &str) -> [String; 15] {

@@ -6,9 +6,9 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::profile::check_user;
 use super::{RedisStore, map_err};
 use crate::StoreError;
+use crate::rules::check_user;
 
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(

@@ -19,6 +19,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+use crate::rules::check_user;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -456,10 +457,6 @@ impl PushFiles {
 }
 
 // ---- validation (also what a line read back must pass, see `recovery::semantic`) ----
-
-pub(crate) fn check_user(user: &str) -> Result<(), StoreError> {
-    bimip_proto::validate_user_id(user).map_err(|_| StoreError::InvalidUser(user.to_string()))
-}
 
 pub(crate) fn check_device(device: &str) -> Result<(), StoreError> {
     bimip_proto::validate_device_id(device)
