@@ -285,6 +285,9 @@ pub struct StoreSettings {
     pub retention_secs: u64,
     /// Most items kept per user queue; older ones are dropped by compaction (0 = no limit).
     pub max_queue_items: usize,
+    /// Commit through a per-shard commit log (one append and one fdatasync per commit) rather
+    /// than syncing every user file a commit touched (`fsync = batch | always` only).
+    pub commit_log: bool,
 }
 
 /// One store writer per two cores (at least one, at most eight): each message's two appends
@@ -304,6 +307,7 @@ impl Default for StoreSettings {
             cache_users: 100_000,
             retention_secs: bimip_store::DEFAULT_RETENTION.as_secs(),
             max_queue_items: bimip_store::DEFAULT_MAX_QUEUE_ITEMS,
+            commit_log: true,
         }
     }
 }

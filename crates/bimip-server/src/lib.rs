@@ -58,6 +58,7 @@ async fn open_file_store(
         repair: config.repair,
         retention: Duration::from_secs(config.store.retention_secs),
         max_queue_items: config.store.max_queue_items,
+        commit_log: config.store.commit_log,
         observer: Some(Arc::new(metrics::StoreMetrics(metrics.clone()))),
     };
     let started = std::time::Instant::now();
@@ -72,6 +73,8 @@ async fn open_file_store(
         took_ms = started.elapsed().as_millis() as u64,
         data_dir = %config.data_dir.display(),
         fsync = ?config.fsync,
+        commit_log = config.store.commit_log && config.fsync != bimip_store::FsyncMode::Never,
+        commit_log_written_back = report.log.missing,
         "store opened"
     );
     Ok(file_store)

@@ -213,6 +213,10 @@ pub struct ServeArgs {
     /// Store writer threads (users are spread over them by hash) [default: half the cores, 1–8].
     #[arg(long, env = "BIMIP_STORE_SHARDS")]
     store_shards: Option<usize>,
+    /// Commit through a per-shard commit log (one append + one fdatasync per commit);
+    /// `--commit-log=false` syncs the user files themselves [default: true].
+    #[arg(long, env = "BIMIP_COMMIT_LOG", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    commit_log: Option<bool>,
     /// Print the effective settings as TOML (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
@@ -370,6 +374,7 @@ fn apply_flags(a: &ServeArgs, c: &mut Config) {
     set(&mut c.data_dir, &a.data_dir);
     set(&mut c.fsync, &a.fsync);
     set(&mut c.store.shards, &a.store_shards);
+    set(&mut c.store.commit_log, &a.commit_log);
     set(&mut c.node, &a.node);
     set_opt(&mut c.redis.url, &a.redis);
     set(&mut c.redis.prefix, &a.redis_prefix);

@@ -69,6 +69,8 @@ pub fn check_data_dir(data_dir: &Path, repair: bool) -> Result<CheckReport, Stor
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such data dir"),
         ));
     }
+    // The commit logs first: with `repair` they are written into the user files checked next.
+    super::wal::check(data_dir, repair, &mut report)?;
     check_users(data_dir, repair, &mut report)?;
     super::push::check_push(data_dir, repair, bimip_proto::now_ms(), &mut report)?;
     report.problems.sort();

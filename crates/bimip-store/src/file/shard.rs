@@ -17,11 +17,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path};
 use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
+use super::wal::{self, Checkpointer, OpenLog, Wal};
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
     AckOutcome, AckRequest, Appended, Compaction, CopyTo, NewItem, PendingForDevice, Profile,
     ReadBatch, ReadRequest, StoreError, Unread,
 };
+use bimip_proto::store::LogFile;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -192,12 +194,17 @@ struct Dirty {
 /// replies, appends)` per user.
 type Waiting = Vec<(String, Vec<Deferred>, usize)>;
 
-/// Runs the `syncfs` of `fsync = batch` commits on its own thread, so the shard writes the next
-/// batch while the previous one is being synced (pipelined group commit). A batch is answered
-/// only after a `syncfs` that began once its lines were written: the thread takes every batch
-/// queued when it wakes, syncs once, answers them all.
+/// A batch handed to the [`Syncer`]: its number, its writes, and the commit log that holds its
+/// lines (`None`: the lines are only in the user files, made durable by one `syncfs`).
+type SyncJob = (u64, Waiting, Option<Arc<OpenLog>>);
+
+/// Runs the sync of `fsync = batch` commits on its own thread (the commit log's `fdatasync`, or
+/// without the log one `syncfs`), so the shard writes the next batch while the previous one is
+/// being synced (pipelined group commit). A batch is answered only after a sync that began once
+/// its lines were written: the thread takes every batch queued when it wakes, syncs once,
+/// answers them all.
 struct Syncer {
-    tx: Option<std::sync::mpsc::Sender<(u64, Waiting)>>,
+    tx: Option<std::sync::mpsc::Sender<SyncJob>>,
     /// The last batch number handed over, and (shared with the thread) the last one answered.
     submitted: u64,
     done: Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
@@ -208,7 +215,7 @@ struct Syncer {
 
 impl Syncer {
     fn start(data_dir: PathBuf, observer: Option<Arc<dyn StoreObserver>>) -> Syncer {
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, Waiting)>();
+        let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
         let (failed_tx, failed) = std::sync::mpsc::channel();
         let done = Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
         let finished = done.clone();
@@ -218,10 +225,25 @@ impl Syncer {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(rx.try_iter());
-                    let last = jobs.iter().map(|(n, _)| *n).max().unwrap_or(0);
-                    let jobs: Vec<Waiting> = jobs.into_iter().map(|(_, w)| w).collect();
+                    let last = jobs.iter().map(|(n, _, _)| *n).max().unwrap_or(0);
+                    let mut logs: Vec<Arc<OpenLog>> = Vec::new();
+                    let mut whole_fs = false;
+                    for (_, _, log) in &jobs {
+                        match log {
+                            Some(l) if !logs.iter().any(|x| Arc::ptr_eq(x, l)) => {
+                                logs.push(l.clone())
+                            }
+                            Some(_) => {}
+                            None => whole_fs = true,
+                        }
+                    }
+                    let jobs: Vec<Waiting> = jobs.into_iter().map(|(_, w, _)| w).collect();
                     let t = Instant::now();
-                    let r = profile::syncfs(&data_dir);
+                    let r = if whole_fs {
+                        profile::syncfs(&data_dir)
+                    } else {
+                        logs.iter().try_for_each(|l| l.file.sync_data())
+                    };
                     let took = t.elapsed();
                     match r {
                         Ok(()) => {
@@ -238,7 +260,11 @@ impl Syncer {
                             // The lines are in the files but not known durable: answer an error
                             // (a client's resend is then recognised as a duplicate) and have the
                             // shard reload the users.
-                            tracing::error!(error = %e, "store syncfs failed; the batch is answered with an error");
+                            if whole_fs {
+                                tracing::error!(error = %e, "store syncfs failed; the batch is answered with an error");
+                            } else {
+                                tracing::error!(error = %e, "store commit log fdatasync failed; the batch is answered with an error");
+                            }
                             let mut users = Vec::new();
                             for (user, replies, _) in jobs.into_iter().flatten() {
                                 for r in replies {
@@ -269,12 +295,12 @@ impl Syncer {
 
     /// Hands a written batch over and returns its number; gives it back when the thread is
     /// gone.
-    fn submit(&mut self, waiting: Waiting) -> Result<u64, Waiting> {
+    fn submit(&mut self, waiting: Waiting, log: Option<Arc<OpenLog>>) -> Result<u64, Waiting> {
         let Some(tx) = &self.tx else {
             return Err(waiting);
         };
         let n = self.submitted + 1;
-        tx.send((n, waiting)).map_err(|e| e.0.1)?;
+        tx.send((n, waiting, log)).map_err(|e| e.0.1)?;
         self.submitted = n;
         Ok(n)
     }
@@ -325,7 +351,20 @@ pub(crate) struct ShardConfig {
     pub limits: Limits,
     /// Users recovery found likely due for compaction (loaded and looked at one at a time).
     pub due: Vec<String>,
+    /// This shard's commit log (`fsync = batch | always` with the log on).
+    pub wal: Option<Wal>,
 }
+
+/// A commit log generation this large is checkpointed (a new one started, the old one synced
+/// into the user files and deleted): bounds the log's disk use and the replay at start.
+const CHECKPOINT_BYTES: u64 = 32 << 20;
+
+/// A non-empty log generation this old is checkpointed at the next tick, so an idle store's user
+/// files are complete on disk soon after the last write.
+#[cfg(not(test))]
+const CHECKPOINT_AGE: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const CHECKPOINT_AGE: Duration = Duration::from_millis(300);
 
 /// How often every cached user is looked at for retention (writes trigger a look at once).
 #[cfg(not(test))]
@@ -377,6 +416,10 @@ pub(crate) struct Shard {
     /// Users with lines handed to the syncer, and the batch number that covers them: a read of
     /// such a user waits for it, so reads only ever hand out durable items.
     in_sync: HashMap<String, u64>,
+    /// The commit log a commit appends to and syncs (see [`wal`]); `None` without it.
+    wal: Option<Wal>,
+    /// Syncs finished log generations into the user files and deletes them.
+    checkpointer: Option<Checkpointer>,
 }
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
@@ -396,6 +439,10 @@ enum FileKind {
 }
 
 type FileKey = (String, FileKind);
+
+/// Where [`Shard::write_user`] puts a logged commit's records, and each written file's length
+/// before the write (to cut it back to if the log write fails).
+type LogSink<'a> = (&'a mut Vec<u8>, &'a mut Vec<(FileKey, u64)>);
 
 fn file_key(user: &str, kind: FileKind) -> FileKey {
     (user.to_string(), kind)
@@ -417,9 +464,15 @@ fn user_state<'a>(
 }
 
 impl Shard {
-    pub fn new(cfg: ShardConfig) -> Self {
+    pub fn new(mut cfg: ShardConfig) -> Self {
         let cap = NonZeroUsize::new(cfg.open_files.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let wal = cfg.wal.take();
+        let checkpointer = wal
+            .as_ref()
+            .map(|_| Checkpointer::start(cfg.data_dir.clone(), cfg.index));
         Shard {
+            wal,
+            checkpointer,
             users: LruCache::unbounded(),
             files: LruCache::new(cap),
             dirty: HashMap::new(),
@@ -489,6 +542,7 @@ impl Shard {
                 if let Some(s) = &mut self.syncer {
                     s.finish();
                 }
+                self.finish_log();
                 let _ = reply.send(());
                 return;
             }
@@ -505,6 +559,41 @@ impl Shard {
         if let Some(s) = &mut self.syncer {
             s.finish();
         }
+        self.finish_log();
+    }
+
+    /// At shutdown, once every commit is synced: a last checkpoint, so a cleanly stopped store
+    /// leaves no log behind (its user files are complete and durable).
+    fn finish_log(&mut self) {
+        if let (Some(wal), Some(c)) = (&self.wal, &mut self.checkpointer) {
+            c.submit(&self.cfg.data_dir, wal.current());
+            c.finish();
+        }
+    }
+
+    /// Starts the next log generation and hands the current one to the checkpoint thread.
+    fn rotate_log(&mut self) -> Result<(), StoreError> {
+        let (Some(wal), Some(c)) = (&mut self.wal, &self.checkpointer) else {
+            return Ok(());
+        };
+        let old = wal.rotate()?;
+        c.submit(&self.cfg.data_dir, old);
+        Ok(())
+    }
+
+    /// After a commit, or on a tick: checkpoints a log generation that is large, or old and
+    /// not empty.
+    fn maybe_checkpoint(&mut self, tick: bool) {
+        let Some(wal) = &self.wal else { return };
+        #[cfg(test)]
+        if fault::checkpoints_held(&self.cfg.data_dir) {
+            return;
+        }
+        let due =
+            wal.len() >= CHECKPOINT_BYTES || (tick && wal.len() > 0 && wal.age() >= CHECKPOINT_AGE);
+        if due && let Err(e) = self.rotate_log() {
+            tracing::error!(error = %e, "could not start a new commit log generation; the current one keeps growing");
+        }
     }
 
     /// Before a read of `user`: its lines still waiting in this batch are committed, and lines
@@ -519,12 +608,18 @@ impl Shard {
         }
     }
 
-    /// Users whose batch's `syncfs` failed are reloaded from their files on next touch.
+    /// Users whose batch's sync failed are reloaded from their files on next touch, and the
+    /// commit log, in an unknown state after a failed fdatasync, is not appended to again.
     fn reload_failed(&mut self) {
         let Some(s) = &self.syncer else { return };
         let failed: Vec<String> = s.failed.try_iter().flatten().collect();
         let answered = s.answered();
         self.in_sync.retain(|_, n| *n > answered);
+        if !failed.is_empty()
+            && let Some(wal) = &mut self.wal
+        {
+            wal.broken = true;
+        }
         for user in failed {
             self.users.pop(&user);
         }
@@ -663,6 +758,7 @@ impl Shard {
             }
             Cmd::Tick => {
                 self.flush_lazy(LAZY_PER_TICK);
+                self.maybe_checkpoint(true);
                 false
             }
             Cmd::Wake => false,
@@ -688,9 +784,26 @@ impl Shard {
             .ok_or_else(|| StoreError::Invalid("profile state vanished".into()))
     }
 
-    /// Writes one profile file; under `FsyncMode::Never` only remembers it for shutdown.
+    /// Writes one profile file; under `FsyncMode::Never` only remembers it for shutdown. With
+    /// the commit log, the file is replaced without syncs and its new content logged: one
+    /// fdatasync of the log makes it durable.
     fn write_profile(&mut self, user: &str, p: &StoredProfile) -> Result<(), StoreError> {
         let path = profile_path(&self.cfg.data_dir, user);
+        if self.wal.is_some() {
+            let rec = p.to_record();
+            profile::write(&path, &rec, false)?;
+            let mut buf = Vec::new();
+            wal::encode_profile(&mut buf, user, &rec);
+            let r = self.append_log(&buf).and_then(|log| log.sync());
+            if r.is_err() {
+                // The file has the new content, not known durable: memory follows the file.
+                self.profiles.pop(user);
+                if let Some(w) = &mut self.wal {
+                    w.broken = true;
+                }
+            }
+            return r;
+        }
         let sync = self.cfg.mode != FsyncMode::Never;
         profile::write(&path, &p.to_record(), sync)?;
         if !sync {
@@ -742,9 +855,31 @@ impl Shard {
         if files.is_empty() {
             return;
         }
-        let sync = self.cfg.mode != FsyncMode::Never;
-        for (i, e) in profile::write_many(&self.cfg.data_dir, &files, sync) {
-            tracing::error!(user = names[i], error = %e, "could not write a profile's last seen");
+        let logged = self.wal.is_some();
+        let sync = self.cfg.mode != FsyncMode::Never && !logged;
+        let failed = profile::write_many(&self.cfg.data_dir, &files, sync);
+        for (i, e) in &failed {
+            tracing::error!(user = names[*i], error = %e, "could not write a profile's last seen");
+        }
+        if logged {
+            // One log append and one fdatasync for all of them (no syncfs on this thread).
+            let mut buf = Vec::new();
+            for (i, (_, rec)) in files.iter().enumerate() {
+                if !failed.iter().any(|(f, _)| *f == i) {
+                    wal::encode_profile(&mut buf, &names[i], rec);
+                }
+            }
+            if buf.is_empty() {
+                return;
+            }
+            if let Err(e) = self.append_log(&buf).and_then(|log| log.sync()) {
+                tracing::error!(error = %e, "could not log profiles' last seen; they are written again later");
+                if let Some(w) = &mut self.wal {
+                    w.broken = true;
+                }
+                self.lazy.extend(names);
+            }
+            return;
         }
         if !sync {
             for (path, _) in files {
@@ -833,13 +968,16 @@ impl Shard {
         self.files.push(key, f);
     }
 
-    /// Writes and fsyncs one user's new lines; on failure rolls both files back.
+    /// Writes and fsyncs one user's new lines; on failure rolls both files back. With `log`,
+    /// nothing is synced: the written lines' commit-log records are appended to it and where
+    /// each file was cut back to on a later failure to `written`.
     fn write_user(
         &mut self,
         user: &str,
         lines: &Lines,
         fsync_time: &mut Duration,
         sync: bool,
+        log: Option<LogSink<'_>>,
     ) -> Result<bool, StoreError> {
         let mut open: Vec<(FileKey, OpenFile, u64)> = Vec::with_capacity(2);
         let targets = [
@@ -868,7 +1006,17 @@ impl Shard {
                 break;
             }
         }
-        if result.is_ok() && self.cfg.mode != FsyncMode::Never && !sync {
+        if let (Ok(_), Some((buf, written))) = (&result, log) {
+            for (key, _, before) in &open {
+                let (file, data) = match key.1 {
+                    FileKind::Queue => (LogFile::Queue, &lines.queue),
+                    FileKind::Index => (LogFile::Index, &lines.index),
+                };
+                wal::encode_write(buf, user, file, *before, data);
+                written.push((key.clone(), *before));
+            }
+            result = Ok(false);
+        } else if result.is_ok() && self.cfg.mode != FsyncMode::Never && !sync {
             // The caller syncs the whole batch at once (see `commit`).
             result = Ok(false);
         } else if result.is_ok() && self.cfg.mode != FsyncMode::Never {
@@ -909,9 +1057,153 @@ impl Shard {
         }
     }
 
+    /// A user's lines could not be written (and were rolled back): its writes get the error and
+    /// its state, which has the rolled-back lines, is reloaded from disk next time.
+    fn fail_user(&mut self, user: &str, replies: Vec<Deferred>, e: &StoreError) {
+        tracing::error!(user, error = %e, "store write failed; the user's batch is rolled back");
+        self.users.pop(user);
+        for r in replies {
+            r.send_err(copy_err(e));
+        }
+    }
+
+    /// A commit through the log: every user's lines are written to their files, their records
+    /// appended to the log in one write and the log synced once (on the sync thread with
+    /// `fsync = batch`, here with `always`); then the writes are answered.
+    fn commit_logged(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        // New user folders need no sync of their own: the replay at start creates them again,
+        // and the checkpoint's syncfs makes them durable.
+        self.new_dirs.clear();
+        let mut buf = Vec::new();
+        let mut written = Vec::new();
+        let mut waiting: Waiting = Vec::new();
+        let mut unused = Duration::ZERO;
+        for (user, d) in dirty {
+            if d.lines.is_empty() {
+                d.replies.into_iter().for_each(Deferred::send_ok);
+                continue;
+            }
+            let log = Some((&mut buf, &mut written));
+            match self.write_user(&user, &d.lines, &mut unused, false, log) {
+                Ok(_) => waiting.push((user, d.replies, d.appends)),
+                Err(e) => self.fail_user(&user, d.replies, &e),
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let log = match self.append_log(&buf) {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(error = %e, "store commit log write failed; the batch is rolled back and answered with an error");
+                // Lines not in the log must not stay in front of later, logged ones.
+                for (key, before) in written {
+                    if let Ok(mut f) = self.take_file(&key) {
+                        if let Err(te) = f.file.set_len(before) {
+                            tracing::error!(file = %f.path.display(), error = %te, "could not roll back a failed write");
+                        }
+                        f.len = before;
+                        self.put_file(key, f);
+                    }
+                }
+                for (user, replies, _) in waiting {
+                    self.users.pop(&user);
+                    replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
+                }
+                return;
+            }
+        };
+        if let Some(syncer) = &mut self.syncer {
+            let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
+            match syncer.submit(waiting, Some(log.clone())) {
+                Ok(n) => {
+                    for u in users {
+                        self.in_sync.insert(u, n);
+                    }
+                    self.maybe_checkpoint(false);
+                    return;
+                }
+                Err(back) => waiting = back,
+            }
+        }
+        let t = Instant::now();
+        let r = log.sync();
+        let took = t.elapsed();
+        match r {
+            Ok(()) => {
+                let mut appends = 0;
+                for (_, replies, n) in waiting {
+                    appends += n;
+                    replies.into_iter().for_each(Deferred::send_ok);
+                }
+                if let Some(obs) = &self.cfg.observer {
+                    obs.fsync(took, appends);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit log fdatasync failed; the batch is answered with an error");
+                if let Some(wal) = &mut self.wal {
+                    wal.broken = true;
+                }
+                for (user, replies, _) in waiting {
+                    self.users.pop(&user);
+                    replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
+                }
+            }
+        }
+        self.maybe_checkpoint(false);
+    }
+
+    /// Appends whole records to the log, first starting a new generation if the current one
+    /// saw a failure.
+    fn append_log(&mut self, buf: &[u8]) -> Result<Arc<OpenLog>, StoreError> {
+        if self.wal.as_ref().is_some_and(|w| w.broken) {
+            self.rotate_log()?;
+        }
+        match &mut self.wal {
+            Some(w) => w.append(buf),
+            None => Err(StoreError::Invalid("no commit log".into())),
+        }
+    }
+
+    /// Before compaction replaces `user`'s files: makes the current files durable (they then
+    /// hold every logged line of the user) and logs, synced, that the user's earlier records no
+    /// longer apply — replaying them onto the compacted files would corrupt them.
+    fn log_reset(&mut self, user: &str) -> Result<(), StoreError> {
+        if self.wal.is_none() {
+            return Ok(());
+        }
+        for kind in [FileKind::Queue, FileKind::Index] {
+            let key = file_key(user, kind);
+            let r = match self.files.peek(&key) {
+                Some(f) => f.file.sync_data().map_err(|e| io_err(&f.path, e)),
+                None => {
+                    let path = self.path_of(&key);
+                    match File::open(&path) {
+                        Ok(f) => f.sync_data().map_err(|e| io_err(&path, e)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(io_err(&path, e)),
+                    }
+                }
+            };
+            r?;
+        }
+        let log = self.append_log(&wal::encode_reset(user))?;
+        log.sync().inspect_err(|_| {
+            if let Some(w) = &mut self.wal {
+                w.broken = true;
+            }
+        })
+    }
+
     /// Makes this batch's lines durable, then answers its writes.
     fn commit(&mut self) {
         if self.dirty.is_empty() {
+            return;
+        }
+        if self.wal.is_some() {
+            self.commit_logged();
             return;
         }
         let dirty = std::mem::take(&mut self.dirty);
@@ -943,37 +1235,21 @@ impl Shard {
                 d.replies.into_iter().for_each(Deferred::send_ok);
                 continue;
             }
-            match self.write_user(&user, &d.lines, &mut fsync_time, !one_sync) {
+            match self.write_user(&user, &d.lines, &mut fsync_time, !one_sync, None) {
                 Ok(_) if one_sync => waiting.push((user, d.replies, d.appends)),
                 Ok(synced) => {
                     synced_any |= synced;
                     appends += d.appends;
                     d.replies.into_iter().for_each(Deferred::send_ok);
                 }
-                Err(e) => {
-                    tracing::error!(user, error = %e, "store write failed; the user's batch is rolled back");
-                    // The in-memory state has the rolled-back lines: reload from disk next time.
-                    self.users.pop(&user);
-                    let (kind, msg, path) = match &e {
-                        StoreError::Io { path, source } => {
-                            (source.kind(), source.to_string(), path.clone())
-                        }
-                        other => (std::io::ErrorKind::Other, other.to_string(), PathBuf::new()),
-                    };
-                    for r in d.replies {
-                        r.send_err(StoreError::Io {
-                            path: path.clone(),
-                            source: std::io::Error::new(kind, msg.clone()),
-                        });
-                    }
-                }
+                Err(e) => self.fail_user(&user, d.replies, &e),
             }
         }
         if !waiting.is_empty()
             && let Some(syncer) = &mut self.syncer
         {
             let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
-            match syncer.submit(std::mem::take(&mut waiting)) {
+            match syncer.submit(std::mem::take(&mut waiting), None) {
                 Ok(n) => {
                     for u in users {
                         self.in_sync.insert(u, n);
@@ -1100,11 +1376,14 @@ impl Shard {
         };
         let qp = queue_path(&self.cfg.data_dir, user);
         let ip = index_path(&self.cfg.data_dir, user);
+        let mut result = Ok(());
+        if c.queue_changed || c.index_changed {
+            result = self.log_reset(user);
+        }
         // The append handles would keep writing to the replaced files.
         self.files.pop(&file_key(user, FileKind::Queue));
         self.files.pop(&file_key(user, FileKind::Index));
-        let mut result = Ok(());
-        if c.queue_changed {
+        if result.is_ok() && c.queue_changed {
             result = replace_file(&qp, &c.queue);
         }
         if result.is_ok() && c.index_changed {
@@ -1220,8 +1499,21 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The same error again, for each of several waiting writes (`StoreError` is not `Clone`: an
+/// I/O error keeps its kind, path and message).
+fn copy_err(e: &StoreError) -> StoreError {
+    let (kind, msg, path) = match e {
+        StoreError::Io { path, source } => (source.kind(), source.to_string(), path.clone()),
+        other => (std::io::ErrorKind::Other, other.to_string(), PathBuf::new()),
+    };
+    StoreError::Io {
+        path,
+        source: std::io::Error::new(kind, msg),
+    }
+}
+
 /// `write_all`, with a fault injection point under test.
-pub(crate) fn write_checked(f: &mut File, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_checked(f: &mut impl Write, path: &Path, buf: &[u8]) -> Result<(), StoreError> {
     #[cfg(test)]
     if let Some((after, kind)) = fault::write_fault(path) {
         let n = after.min(buf.len());
@@ -1246,6 +1538,20 @@ pub(crate) mod fault {
         Mutex::new(None);
     static RENAMES: Mutex<Option<HashMap<PathBuf, ()>>> = Mutex::new(None);
     static PAUSED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// No commit-log checkpoints in stores on `data_dir` until they stop (tests that need the
+    /// log to still hold what was written).
+    pub fn hold_checkpoints(data_dir: &Path) {
+        HELD.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(data_dir.to_path_buf());
+    }
+
+    pub(super) fn checkpoints_held(data_dir: &Path) -> bool {
+        let g = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().any(|d| d == data_dir)
+    }
 
     /// No background compaction in stores on `data_dir` (tests that compact explicitly).
     pub fn pause_background(data_dir: &Path) {

@@ -1,0 +1,785 @@
+//! The commit log (docs/ARCHITECTURE.md, "Commit log"): with `fsync = batch | always`, each store
+//! shard appends the bytes a commit wrote to the users' queue and index files to one log file as
+//! well, and a commit is durable once that one sequential file is fdatasynced — one I/O however
+//! many users the commit touched. The user files get the same bytes with plain writes and become
+//! durable at a checkpoint: the shard starts a new log generation, a checkpoint thread runs one
+//! `syncfs` and then deletes the old log. At start, [`recover`] writes every logged record whose
+//! bytes are not in its user file back into that file, syncs, and deletes the logs.
+//!
+//! Files: `<data_dir>/wal/shard-<n>.<generation>.log`, lines in the store's line format (Base64 of
+//! a `bimip.store.v1.LogRecord` and its CRC-32C). Only the last line of a log can be torn (the
+//! log is append-only and a commit is answered after its fdatasync).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bimip_proto::store::{LogFile, LogRecord};
+
+use super::record::{self, LineError};
+use super::recovery::{io_err, sync_dir};
+use super::{index_path, queue_path};
+use crate::StoreError;
+
+/// The folder of the logs.
+pub(crate) fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+fn log_name(shard: usize, generation: u64) -> String {
+    format!("shard-{shard}.{generation:010}.log")
+}
+
+/// `(shard, generation)` of a log's file name.
+fn parse_log_name(name: &str) -> Option<(usize, u64)> {
+    let rest = name.strip_prefix("shard-")?.strip_suffix(".log")?;
+    let (shard, generation) = rest.split_once('.')?;
+    Some((shard.parse().ok()?, generation.parse().ok()?))
+}
+
+/// A log generation's open file.
+pub(crate) struct OpenLog {
+    pub file: File,
+    pub path: PathBuf,
+}
+
+impl OpenLog {
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(|e| io_err(&self.path, e))
+    }
+}
+
+/// The log one shard appends to.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    shard: usize,
+    generation: u64,
+    log: Arc<OpenLog>,
+    len: u64,
+    opened: Instant,
+    /// A write or fdatasync of this generation failed: its state is unknown, the next commit
+    /// starts a new generation first.
+    pub broken: bool,
+}
+
+impl Wal {
+    /// Opens a new, empty log for `shard` (after [`recover`] removed the old ones).
+    pub fn open(data_dir: &Path, shard: usize) -> Result<Wal, StoreError> {
+        let dir = wal_dir(data_dir);
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let (log, generation) = create_log(&dir, shard, 1)?;
+        Ok(Wal {
+            dir,
+            shard,
+            generation,
+            log: Arc::new(log),
+            len: 0,
+            opened: Instant::now(),
+            broken: false,
+        })
+    }
+
+    /// Bytes in the current generation.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// How long the current generation has been open.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// Appends `buf` (whole records) and returns the log to fdatasync. On failure the log is
+    /// cut back to where it was, so a partial record never sits in front of later ones.
+    pub fn append(&mut self, buf: &[u8]) -> Result<Arc<OpenLog>, StoreError> {
+        let before = self.len;
+        let mut f = &self.log.file;
+        let w = super::shard::write_checked(&mut f, &self.log.path, buf);
+        match w {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                Ok(self.log.clone())
+            }
+            Err(e) => {
+                if let Err(te) = self.log.file.set_len(before) {
+                    tracing::error!(file = %self.log.path.display(), error = %te, "could not cut back a failed commit log write");
+                }
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the next generation and returns the previous one (to be checkpointed).
+    pub fn rotate(&mut self) -> Result<Arc<OpenLog>, StoreError> {
+        let (log, generation) = create_log(&self.dir, self.shard, self.generation + 1)?;
+        let old = std::mem::replace(&mut self.log, Arc::new(log));
+        self.generation = generation;
+        self.len = 0;
+        self.opened = Instant::now();
+        self.broken = false;
+        Ok(old)
+    }
+
+    /// The current generation (handed to the checkpoint thread at shutdown).
+    pub fn current(&self) -> Arc<OpenLog> {
+        self.log.clone()
+    }
+}
+
+/// Creates the log file of the first free generation from `generation` on and makes its folder
+/// entry durable (an fdatasync of the file alone would not).
+fn create_log(dir: &Path, shard: usize, mut generation: u64) -> Result<(OpenLog, u64), StoreError> {
+    loop {
+        let path = dir.join(log_name(shard, generation));
+        match OpenOptions::new().create_new(true).append(true).open(&path) {
+            Ok(file) => {
+                sync_dir(dir)?;
+                return Ok((OpenLog { file, path }, generation));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => generation += 1,
+            Err(e) => return Err(io_err(&path, e)),
+        }
+    }
+}
+
+/// Appends the record of `data` written at `offset` of one of `user`'s files.
+pub(crate) fn encode_write(out: &mut Vec<u8>, user: &str, file: LogFile, offset: u64, data: &[u8]) {
+    record::encode_line_into(
+        &LogRecord {
+            user: user.to_string(),
+            file: file as i32,
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+            reset: false,
+        },
+        out,
+    );
+}
+
+/// Appends the record of `user`'s profile file replaced by `rec`'s line.
+pub(crate) fn encode_profile(out: &mut Vec<u8>, user: &str, rec: &bimip_proto::store::Profile) {
+    record::encode_line_into(
+        &LogRecord {
+            user: user.to_string(),
+            file: LogFile::Profile as i32,
+            offset: 0,
+            data: record::encode_line(rec).into(),
+            reset: false,
+        },
+        out,
+    );
+}
+
+/// The record saying compaction replaced `user`'s files.
+pub(crate) fn encode_reset(user: &str) -> Vec<u8> {
+    record::encode_line(&LogRecord {
+        user: user.to_string(),
+        reset: true,
+        ..LogRecord::default()
+    })
+}
+
+/// Runs checkpoints for one shard: one `syncfs` makes every user-file write of the handed-over
+/// generations durable, then those logs are deleted. A failed `syncfs` keeps the logs and is
+/// retried; logs left at a crash are replayed at the next start.
+pub(crate) struct Checkpointer {
+    tx: Option<std::sync::mpsc::Sender<Arc<OpenLog>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a failed checkpoint waits before it tries again.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
+impl Checkpointer {
+    pub fn start(data_dir: PathBuf, shard: usize) -> Checkpointer {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<OpenLog>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("bimip-store-checkpoint-{shard}"))
+            .spawn(move || {
+                let mut pending: Vec<Arc<OpenLog>> = Vec::new();
+                loop {
+                    let next = if pending.is_empty() {
+                        rx.recv().ok()
+                    } else {
+                        match rx.recv_timeout(CHECKPOINT_RETRY) {
+                            Ok(l) => Some(l),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                checkpoint(&data_dir, &mut pending);
+                                return;
+                            }
+                        }
+                    };
+                    match next {
+                        Some(l) => pending.push(l),
+                        None if pending.is_empty() => return,
+                        None => {}
+                    }
+                    pending.extend(rx.try_iter());
+                    checkpoint(&data_dir, &mut pending);
+                }
+            })
+            .ok();
+        Checkpointer {
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+
+    /// Hands over a finished generation; without a thread, checkpoints here.
+    pub fn submit(&self, data_dir: &Path, log: Arc<OpenLog>) {
+        let log = match &self.tx {
+            Some(tx) => match tx.send(log) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => log,
+        };
+        checkpoint(data_dir, &mut vec![log]);
+    }
+
+    /// Waits for every handed-over generation to be checkpointed (or given up on at a failure).
+    pub fn finish(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One checkpoint: `syncfs`, then the logs are deleted and the deletion made durable.
+fn checkpoint(data_dir: &Path, logs: &mut Vec<Arc<OpenLog>>) {
+    if logs.is_empty() {
+        return;
+    }
+    if let Err(e) = super::profile::syncfs(data_dir) {
+        tracing::error!(error = %e, logs = logs.len(), "store checkpoint: syncfs failed; the commit logs are kept and the checkpoint retried");
+        return;
+    }
+    for log in logs.drain(..) {
+        match fs::remove_file(&log.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(file = %log.path.display(), error = %e, "store checkpoint: could not delete a checkpointed commit log (it is replayed, harmlessly, at the next start)")
+            }
+        }
+    }
+    if let Err(e) = sync_dir(&wal_dir(data_dir)) {
+        tracing::error!(error = %e, "store checkpoint: fsync of the wal folder failed");
+    }
+}
+
+/// One log as found on disk.
+struct LogScan {
+    path: PathBuf,
+    records: Vec<(u64, LogRecord)>,
+    /// A bad line followed by good ones: `(line, reason)`.
+    bad: Vec<(u64, LineError)>,
+    /// A bad or unterminated last line (a write cut short by a crash): `(line, reason)`.
+    torn: Option<(u64, String)>,
+}
+
+/// The logs under `<data_dir>/wal`, oldest generation first within each shard.
+fn scan_logs(data_dir: &Path) -> Result<Vec<LogScan>, StoreError> {
+    let dir = wal_dir(data_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&dir, e)),
+    };
+    let mut logs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(key) = parse_log_name(&name) {
+            logs.push((key, entry.path()));
+        }
+    }
+    logs.sort();
+    let mut scans = Vec::with_capacity(logs.len());
+    for (_, path) in logs {
+        let data = fs::read(&path).map_err(|e| io_err(&path, e))?;
+        scans.push(scan_log(path, &data));
+    }
+    Ok(scans)
+}
+
+fn scan_log(path: PathBuf, data: &[u8]) -> LogScan {
+    let mut scan = LogScan {
+        path,
+        records: Vec::new(),
+        bad: Vec::new(),
+        torn: None,
+    };
+    let mut last_bad: Option<(u64, LineError)> = None;
+    for line in record::split_lines(data) {
+        let decoded = if line.terminated {
+            record::decode_line::<LogRecord>(line.bytes)
+        } else {
+            Err(LineError::Torn)
+        };
+        match decoded {
+            Ok(r) => {
+                // A bad line before a good one is not a torn tail.
+                scan.bad.extend(last_bad.take());
+                scan.records.push((line.number, r));
+            }
+            Err(e) => {
+                scan.bad.extend(last_bad.take());
+                last_bad = Some((line.number, e));
+            }
+        }
+    }
+    scan.torn = last_bad.map(|(n, e)| (n, e.to_string()));
+    scan
+}
+
+/// What one record needs to be in its user file.
+#[derive(Debug, PartialEq, Eq)]
+enum Needed {
+    /// The file already holds the bytes at the offset.
+    Present,
+    /// The file is shorter or holds other bytes there: cut at the offset, write the bytes.
+    Write,
+    /// The file ends before the offset: bytes in front of the record are missing.
+    Gap(u64),
+}
+
+fn record_path(data_dir: &Path, r: &LogRecord) -> PathBuf {
+    match LogFile::try_from(r.file) {
+        Ok(LogFile::Index) => index_path(data_dir, &r.user),
+        Ok(LogFile::Profile) => super::profile::profile_path(data_dir, &r.user),
+        _ => queue_path(data_dir, &r.user),
+    }
+}
+
+fn is_profile(r: &LogRecord) -> bool {
+    r.file == LogFile::Profile as i32
+}
+
+fn needed(path: &Path, r: &LogRecord) -> Result<Needed, StoreError> {
+    if is_profile(r) {
+        return Ok(match fs::read(path) {
+            Ok(d) if d[..] == r.data[..] => Needed::Present,
+            Ok(_) => Needed::Write,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Needed::Write,
+            Err(e) => return Err(io_err(path, e)),
+        });
+    }
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(if r.offset == 0 {
+                Needed::Write
+            } else {
+                Needed::Gap(0)
+            });
+        }
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
+    if len < r.offset {
+        return Ok(Needed::Gap(len));
+    }
+    if len < r.offset + r.data.len() as u64 {
+        return Ok(Needed::Write);
+    }
+    let mut buf = vec![0u8; r.data.len()];
+    f.read_exact_at(&mut buf, r.offset)
+        .map_err(|e| io_err(path, e))?;
+    Ok(if buf[..] == r.data[..] {
+        Needed::Present
+    } else {
+        Needed::Write
+    })
+}
+
+fn write_record(
+    path: &Path,
+    r: &LogRecord,
+    created_dirs: &mut HashSet<PathBuf>,
+) -> Result<(), StoreError> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        created_dirs.insert(dir.to_path_buf());
+    }
+    if is_profile(r) {
+        // Replaced whole, as the store does (made durable by the syncfs after the replay).
+        let tmp = super::profile::temp_path(path);
+        fs::write(&tmp, &r.data).map_err(|e| io_err(&tmp, e))?;
+        return fs::rename(&tmp, path).map_err(|e| io_err(path, e));
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    f.set_len(r.offset).map_err(|e| io_err(path, e))?;
+    f.write_all_at(&r.data, r.offset)
+        .map_err(|e| io_err(path, e))
+}
+
+/// What [`recover`] (or `bimip check`) found in the commit logs.
+#[derive(Debug, Clone, Default)]
+pub struct LogReport {
+    pub logs: usize,
+    pub records: u64,
+    /// Records whose bytes were not (or are not yet, for a check) in their user file.
+    pub missing: u64,
+    /// Users those records belong to.
+    pub users: usize,
+}
+
+/// Every record still to apply, in order: a user's records before its last reset are dropped.
+fn live_records(scans: &[LogScan]) -> Vec<(&Path, u64, &LogRecord)> {
+    let mut last_reset: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (li, s) in scans.iter().enumerate() {
+        for (ri, (_, r)) in s.records.iter().enumerate() {
+            if r.reset {
+                last_reset.insert(r.user.as_str(), (li, ri));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (li, s) in scans.iter().enumerate() {
+        for (ri, (line, r)) in s.records.iter().enumerate() {
+            if r.reset {
+                continue;
+            }
+            // Compaction leaves profiles alone.
+            if !is_profile(r)
+                && last_reset
+                    .get(r.user.as_str())
+                    .is_some_and(|&at| (li, ri) < at)
+            {
+                continue;
+            }
+            out.push((s.path.as_path(), *line, r));
+        }
+    }
+    out
+}
+
+/// At start, before the user files are loaded: writes every logged record whose bytes are not
+/// in its user file into it, makes that durable with one `syncfs`, and deletes the logs. A torn
+/// last line is ignored (its commit was never answered). A bad line in the middle of a log, or a
+/// record that would leave a gap in its file, refuses the start unless `repair`; with `repair`
+/// they are skipped and reported, and that log is kept aside as `<name>.bad`.
+pub(crate) fn recover(
+    data_dir: &Path,
+    repair: bool,
+    truncated: &mut Vec<(PathBuf, u64, String)>,
+    repaired: &mut Vec<(PathBuf, u64, String)>,
+) -> Result<LogReport, StoreError> {
+    let scans = scan_logs(data_dir)?;
+    let mut report = LogReport {
+        logs: scans.len(),
+        ..LogReport::default()
+    };
+    if scans.is_empty() {
+        return Ok(report);
+    }
+    let mut keep_aside: HashSet<PathBuf> = HashSet::new();
+    for s in &scans {
+        if let Some((line, reason)) = &s.torn {
+            truncated.push((
+                s.path.clone(),
+                *line,
+                format!("torn last record ignored: {reason}"),
+            ));
+        }
+        for (line, e) in &s.bad {
+            if !repair {
+                return Err(StoreError::Corrupt {
+                    path: s.path.clone(),
+                    line: *line,
+                    reason: format!("{e} (start with --repair to skip it; the log is kept aside)"),
+                });
+            }
+            repaired.push((
+                s.path.clone(),
+                *line,
+                format!("bad commit log record skipped: {e}"),
+            ));
+            keep_aside.insert(s.path.clone());
+        }
+    }
+    let mut created_dirs = HashSet::new();
+    let mut users = HashSet::new();
+    for (log, line, r) in live_records(&scans) {
+        report.records += 1;
+        let path = record_path(data_dir, r);
+        match needed(&path, r)? {
+            Needed::Present => {}
+            Needed::Write => {
+                write_record(&path, r, &mut created_dirs)?;
+                report.missing += 1;
+                users.insert(r.user.clone());
+            }
+            Needed::Gap(len) => {
+                let reason = format!(
+                    "record for {} at offset {} but the file has {len} bytes",
+                    path.display(),
+                    r.offset
+                );
+                if !repair {
+                    return Err(StoreError::Corrupt {
+                        path: log.to_path_buf(),
+                        line,
+                        reason: format!("{reason} (start with --repair to skip it)"),
+                    });
+                }
+                repaired.push((log.to_path_buf(), line, format!("skipped: {reason}")));
+                keep_aside.insert(log.to_path_buf());
+            }
+        }
+    }
+    report.users = users.len();
+    if report.missing > 0 {
+        super::profile::syncfs(data_dir).map_err(|e| io_err(data_dir, e))?;
+    }
+    for s in &scans {
+        if keep_aside.contains(&s.path) {
+            let mut aside = s.path.clone().into_os_string();
+            aside.push(".bad");
+            fs::rename(&s.path, &aside).map_err(|e| io_err(&s.path, e))?;
+        } else {
+            fs::remove_file(&s.path).map_err(|e| io_err(&s.path, e))?;
+        }
+    }
+    sync_dir(&wal_dir(data_dir))?;
+    if report.missing > 0 {
+        tracing::warn!(
+            logs = report.logs,
+            records = report.records,
+            written = report.missing,
+            users = report.users,
+            "commit log: wrote back records the user files were missing (the machine stopped before a checkpoint)"
+        );
+    }
+    Ok(report)
+}
+
+/// `bimip check`: the logs' lines, and how many records are not (yet) in their user files.
+/// Without `repair` nothing is written; with it the logs are applied as at start.
+pub(crate) fn check(
+    data_dir: &Path,
+    repair: bool,
+    report: &mut super::CheckReport,
+) -> Result<(), StoreError> {
+    if repair {
+        let mut truncated = Vec::new();
+        let mut repaired = Vec::new();
+        let r = recover(data_dir, true, &mut truncated, &mut repaired)?;
+        for (path, line, reason) in truncated {
+            report.notes.push(super::Problem { path, line, reason });
+        }
+        for (path, line, reason) in repaired {
+            report.found(&path, line, reason, true);
+        }
+        if r.missing > 0 {
+            report.found(
+                &wal_dir(data_dir),
+                0,
+                format!(
+                    "wrote {} commit-log records of {} users back into their files",
+                    r.missing, r.users
+                ),
+                true,
+            );
+        }
+        return Ok(());
+    }
+    let scans = scan_logs(data_dir)?;
+    let mut missing = 0u64;
+    let mut users = HashSet::new();
+    for s in &scans {
+        report.records += s.records.len() as u64;
+        if let Some((line, reason)) = &s.torn {
+            report.notes.push(super::Problem {
+                path: s.path.clone(),
+                line: *line,
+                reason: format!("torn last record (a commit cut short, never answered): {reason}"),
+            });
+        }
+        for (line, e) in &s.bad {
+            report.found(&s.path, *line, format!("bad commit log record: {e}"), false);
+        }
+    }
+    // What the files' lengths would be once the missing records are written (nothing is).
+    let mut would_be: HashMap<PathBuf, u64> = HashMap::new();
+    for (log, line, r) in live_records(&scans) {
+        let path = record_path(data_dir, r);
+        let need = match would_be.get(&path) {
+            _ if is_profile(r) => needed(&path, r)?,
+            Some(&len) if len < r.offset => Needed::Gap(len),
+            Some(_) => Needed::Write,
+            None => needed(&path, r)?,
+        };
+        match need {
+            Needed::Present => {}
+            Needed::Write => {
+                missing += 1;
+                users.insert(r.user.as_str());
+                would_be.insert(path, r.offset + r.data.len() as u64);
+            }
+            Needed::Gap(len) => report.found(
+                log,
+                line,
+                format!(
+                    "record for {} at offset {} but the file has {len} bytes",
+                    path.display(),
+                    r.offset
+                ),
+                false,
+            ),
+        }
+    }
+    if missing > 0 {
+        report.notes.push(super::Problem {
+            path: wal_dir(data_dir),
+            line: 0,
+            reason: format!(
+                "{missing} commit-log records of {} users are not in their files yet: the next start writes them (so does `bimip check --repair`)",
+                users.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn rec(user: &str, file: LogFile, offset: u64, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_write(&mut out, user, file, offset, data);
+        out
+    }
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(parse_log_name(&log_name(3, 42)), Some((3, 42)));
+        assert_eq!(parse_log_name("shard-1.0000000001.log.bad"), None);
+        assert_eq!(parse_log_name("other.log"), None);
+    }
+
+    #[test]
+    fn torn_tail_and_bad_middle_are_told_apart() {
+        let mut data = rec("a", LogFile::Queue, 0, b"x\n");
+        data.extend_from_slice(b"not base64!\n");
+        data.extend(rec("a", LogFile::Queue, 2, b"y\n"));
+        data.extend_from_slice(b"QUJD");
+        let s = scan_log(PathBuf::from("l"), &data);
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.bad.len(), 1);
+        assert_eq!(s.bad[0].0, 2);
+        assert_eq!(s.torn.as_ref().map(|t| t.0), Some(4));
+    }
+
+    #[test]
+    fn replay_writes_what_the_files_lost_and_skips_what_they_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let wal = wal_dir(d);
+        fs::create_dir_all(&wal).unwrap();
+        let q = queue_path(d, "alice");
+        fs::create_dir_all(q.parent().unwrap()).unwrap();
+        // The file kept the first record but lost (part of) the second.
+        fs::write(&q, b"first\nsec").unwrap();
+        let mut log = rec("alice", LogFile::Queue, 0, b"first\n");
+        log.extend(rec("alice", LogFile::Queue, 6, b"second\n"));
+        log.extend(rec("bob", LogFile::Index, 0, b"cursor\n"));
+        fs::write(wal.join(log_name(0, 1)), &log).unwrap();
+        let (mut t, mut r) = (Vec::new(), Vec::new());
+        let rep = recover(d, false, &mut t, &mut r).unwrap();
+        assert_eq!((rep.records, rep.missing, rep.users), (3, 2, 2));
+        assert_eq!(fs::read(&q).unwrap(), b"first\nsecond\n");
+        assert_eq!(fs::read(index_path(d, "bob")).unwrap(), b"cursor\n");
+        assert_eq!(fs::read_dir(&wal).unwrap().count(), 0);
+        // Nothing left to do the second time.
+        let rep = recover(d, false, &mut t, &mut r).unwrap();
+        assert_eq!(rep.records, 0);
+    }
+
+    #[test]
+    fn records_before_a_reset_are_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let wal = wal_dir(d);
+        fs::create_dir_all(&wal).unwrap();
+        let q = queue_path(d, "alice");
+        fs::create_dir_all(q.parent().unwrap()).unwrap();
+        fs::write(&q, b"compacted\n").unwrap();
+        let mut log = rec("alice", LogFile::Queue, 0, b"old-old-old-old\n");
+        log.extend(encode_reset("alice"));
+        fs::write(wal.join(log_name(0, 1)), &log).unwrap();
+        fs::write(
+            wal.join(log_name(0, 2)),
+            rec("alice", LogFile::Queue, 10, b"new\n"),
+        )
+        .unwrap();
+        let (mut t, mut r) = (Vec::new(), Vec::new());
+        let rep = recover(d, false, &mut t, &mut r).unwrap();
+        assert_eq!((rep.records, rep.missing), (1, 1));
+        assert_eq!(fs::read(&q).unwrap(), b"compacted\nnew\n");
+    }
+
+    #[test]
+    fn a_bad_middle_line_refuses_the_start_unless_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let wal = wal_dir(d);
+        fs::create_dir_all(&wal).unwrap();
+        let mut log = rec("alice", LogFile::Queue, 0, b"a\n");
+        log.extend_from_slice(b"@@@@\n");
+        log.extend(rec("alice", LogFile::Queue, 2, b"b\n"));
+        let path = wal.join(log_name(1, 7));
+        fs::write(&path, &log).unwrap();
+        let (mut t, mut r) = (Vec::new(), Vec::new());
+        let err = recover(d, false, &mut t, &mut r).unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { line: 2, .. }), "{err}");
+        let mut report = super::super::CheckReport::default();
+        check(d, false, &mut report).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.reason.contains("2 commit-log records"))
+        );
+        let rep = recover(d, true, &mut t, &mut r).unwrap();
+        assert_eq!(rep.missing, 2);
+        assert_eq!(fs::read(queue_path(d, "alice")).unwrap(), b"a\nb\n");
+        assert!(wal.join(format!("{}.bad", log_name(1, 7))).exists());
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_gap_is_reported_not_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let wal = wal_dir(d);
+        fs::create_dir_all(&wal).unwrap();
+        fs::write(
+            wal.join(log_name(0, 1)),
+            rec("alice", LogFile::Queue, 100, b"late\n"),
+        )
+        .unwrap();
+        let (mut t, mut r) = (Vec::new(), Vec::new());
+        assert!(recover(d, false, &mut t, &mut r).is_err());
+        let rep = recover(d, true, &mut t, &mut r).unwrap();
+        assert_eq!(rep.missing, 0);
+        assert!(!queue_path(d, "alice").exists());
+    }
+}

@@ -1,0 +1,334 @@
+//! The commit log end to end on real files: a crash image taken while the store runs (the log
+//! not yet checkpointed), its user files cut back as a machine crash before write-back would
+//! leave them, opened again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use bimip_proto::v1::{Partition, ReceiptKind};
+use bytes::Bytes;
+use tempfile::TempDir;
+
+use super::shard::fault;
+use super::*;
+use crate::{
+    AckRequest, Appended, CopyTo, NewItem, PresenceUpdate, ProfileStore, QueueStore, ReadRequest,
+};
+
+fn chat(from: &str, to: &str, id: &str) -> NewItem {
+    NewItem {
+        partition: Partition::Chat,
+        from: from.into(),
+        to: to.into(),
+        payload: Bytes::from(format!("payload of {id}")),
+        message_id: id.into(),
+        device: "dev".into(),
+        peer_offset: 0,
+        dedupe: true,
+    }
+}
+
+/// A chat message to `to` and the sender's copy, both waited for.
+async fn send(s: &FileStore, from: &str, to: &str, id: &str) -> Appended {
+    let item = chat(from, to, id);
+    let copy = CopyTo {
+        user: from.into(),
+        item: NewItem {
+            dedupe: false,
+            ..item.clone()
+        },
+    };
+    let (a, c) = s
+        .enqueue_append_with_copy(to, item, copy)
+        .await
+        .expect("enqueue");
+    let a = a.wait().await.expect("append");
+    c.wait().await.expect("copy");
+    a
+}
+
+/// Every chat item `user` holds from `peer` (both directions of the conversation), as
+/// `(offset, message id, acknowledged)`.
+async fn conversation(s: &FileStore, user: &str, peer: &str) -> Vec<(u64, String, bool)> {
+    let b = s
+        .read(
+            user,
+            ReadRequest {
+                device: "reader".into(),
+                partition: Partition::Chat,
+                peer: Some(peer.into()),
+                start: Some(1),
+                limit: 0,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("read");
+    b.items
+        .iter()
+        .map(|i| (i.offset, i.message_id.clone(), i.acknowledged))
+        .collect()
+}
+
+/// Copies a data dir as it is on disk right now (what a machine crash would find, before the
+/// page cache is lost).
+fn crash_image(from: &Path, to: &Path) {
+    for entry in walk(from) {
+        let rel = entry.strip_prefix(from).unwrap();
+        let dest = to.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &dest).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The page cache is lost: every queue and index file keeps only part of what was written,
+/// some nothing at all.
+fn lose_write_back(dir: &Path) {
+    for (i, path) in walk(&dir.join("bimip")).into_iter().enumerate() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("bimip_queue") && !name.starts_with("bimip_profile") {
+            continue;
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        match i % 3 {
+            0 => std::fs::remove_file(&path).unwrap(),
+            1 => std::fs::write(&path, b"").unwrap(),
+            _ => {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.set_len(len / 2).unwrap();
+            }
+        }
+    }
+}
+
+const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+async fn busy_store(s: &FileStore) {
+    for round in 0..12 {
+        for (i, from) in USERS.iter().enumerate() {
+            let to = USERS[(i + 1 + round % 3) % USERS.len()];
+            send(s, from, to, &format!("{from}-{round}")).await;
+        }
+    }
+    // Profiles: a durable change (contacts) and an advisory one (last seen, written lazily).
+    s.put_contacts(
+        "alice",
+        vec![("bob".into(), false), ("carol".into(), true)],
+        false,
+    )
+    .await
+    .unwrap();
+    s.set_presence(
+        "dave",
+        PresenceUpdate {
+            last_seen: Some(1_700_000_000_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Cursors move too (index files).
+    s.acknowledge(
+        "bob",
+        AckRequest {
+            device: "phone".into(),
+            partition: Partition::Chat,
+            peer: Some("alice".into()),
+            kind: ReceiptKind::Read,
+            up_to_offset: 3,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn everything(s: &FileStore) -> (Vec<crate::Profile>, Vec<Vec<(u64, String, bool)>>) {
+    let mut profiles = Vec::new();
+    for u in USERS {
+        profiles.push(s.profile(u).await.unwrap());
+    }
+    let mut all = Vec::new();
+    for a in USERS {
+        for b in USERS {
+            if a != b {
+                all.push(conversation(s, a, b).await);
+            }
+        }
+    }
+    (profiles, all)
+}
+
+#[tokio::test]
+async fn the_log_restores_what_the_user_files_lost_in_a_machine_crash() {
+    let live = TempDir::new().unwrap();
+    fault::hold_checkpoints(live.path());
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 2,
+        ..StoreConfig::new(live.path())
+    })
+    .unwrap();
+    busy_store(&s).await;
+    // The last seen reaches the file (lazily, within a tick).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let want = everything(&s).await;
+    let n: usize = want.1.iter().map(Vec::len).sum();
+    assert_eq!(n, 48, "{want:?}");
+    assert_eq!(want.0[3].last_seen, 1_700_000_000_000);
+    assert_eq!(want.0[0].contacts.len(), 2);
+    let logs = walk(&live.path().join("wal"));
+    assert_eq!(logs.len(), 2, "one log per shard: {logs:?}");
+
+    let image = TempDir::new().unwrap();
+    crash_image(live.path(), image.path());
+    lose_write_back(image.path());
+    // `bimip check` sees what the log still has to write, and changes nothing.
+    let report = check_data_dir(image.path(), false).unwrap();
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.reason.contains("commit-log records")),
+        "{:?}",
+        report.notes
+    );
+    let (s2, report) = FileStore::open(StoreConfig {
+        shards: 3, // another shard count than the run that wrote the logs
+        ..StoreConfig::new(image.path())
+    })
+    .unwrap();
+    assert!(report.log.missing > 0, "{:?}", report.log);
+    // Byte for byte what the running store wrote (senders' copies and cursors included).
+    for user in USERS {
+        for path in [queue_path, index_path, profile::profile_path] {
+            let a = std::fs::read(path(live.path(), user)).ok();
+            assert_eq!(std::fs::read(path(image.path(), user)).ok(), a, "{user}");
+        }
+    }
+    assert_eq!(everything(&s2).await, want);
+    // Writing goes on where it stopped.
+    assert!(!send(&s2, "alice", "bob", "after").await.duplicate);
+    s2.shutdown().await;
+    assert_eq!(walk(&image.path().join("wal")).len(), 0);
+    let report = check_data_dir(image.path(), false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    // `bimip check --repair` writes the log back just as a start does.
+    let image2 = TempDir::new().unwrap();
+    crash_image(live.path(), image2.path());
+    lose_write_back(image2.path());
+    let report = check_data_dir(image2.path(), true).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(!report.repaired.is_empty());
+    let (s3, report) = FileStore::open(StoreConfig::new(image2.path())).unwrap();
+    assert_eq!(report.log.records, 0);
+    assert_eq!(everything(&s3).await, want);
+    s3.shutdown().await;
+
+    // A clean stop checkpoints: no log is left and the user files are complete.
+    s.shutdown().await;
+    assert_eq!(walk(&live.path().join("wal")).len(), 0);
+}
+
+#[tokio::test]
+async fn records_from_before_a_compaction_are_not_replayed_onto_the_compacted_files() {
+    let live = TempDir::new().unwrap();
+    fault::pause_background(live.path());
+    fault::hold_checkpoints(live.path());
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        max_queue_items: 8,
+        ..StoreConfig::new(live.path())
+    })
+    .unwrap();
+    for i in 0..20 {
+        send(&s, "alice", "bob", &format!("m{i}")).await;
+    }
+    let c = s.compact("bob").await.unwrap();
+    assert!(c.dropped > 0);
+    let compacted_len = std::fs::metadata(queue_path(live.path(), "bob"))
+        .unwrap()
+        .len();
+    for i in 20..24 {
+        send(&s, "alice", "bob", &format!("m{i}")).await;
+    }
+    let want = conversation(&s, "bob", "alice").await;
+
+    let image = TempDir::new().unwrap();
+    crash_image(live.path(), image.path());
+    // The lines written after the compaction are lost from the file.
+    let q = queue_path(image.path(), "bob");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&q)
+        .unwrap()
+        .set_len(compacted_len)
+        .unwrap();
+    let (s2, report) = FileStore::open(StoreConfig {
+        shards: 1,
+        max_queue_items: 8,
+        ..StoreConfig::new(image.path())
+    })
+    .unwrap();
+    // The four lines after the compaction, one commit each; the 20 before are not replayed.
+    assert_eq!(report.log.missing, 4, "{:?}", report.log);
+    assert_eq!(conversation(&s2, "bob", "alice").await, want);
+    let report = check_data_dir(image.path(), false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    s2.shutdown().await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn old_generations_are_checkpointed_and_deleted() {
+    let live = TempDir::new().unwrap();
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        ..StoreConfig::new(live.path())
+    })
+    .unwrap();
+    send(&s, "alice", "bob", "m1").await;
+    let first = walk(&live.path().join("wal"));
+    assert_eq!(first.len(), 1);
+    // Test builds checkpoint a non-empty generation after a short age (see `CHECKPOINT_AGE`).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while first[0].exists() {
+        assert!(std::time::Instant::now() < deadline, "never checkpointed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = walk(&live.path().join("wal"));
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first);
+    send(&s, "alice", "bob", "m2").await;
+    s.shutdown().await;
+    let (s2, report) = FileStore::open(StoreConfig::new(live.path())).unwrap();
+    assert_eq!(report.log.records, 0);
+    assert_eq!(conversation(&s2, "bob", "alice").await.len(), 2);
+    s2.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_log_nothing_is_written_to_wal() {
+    let live = TempDir::new().unwrap();
+    let (s, _) = FileStore::open(StoreConfig {
+        commit_log: false,
+        ..StoreConfig::new(live.path())
+    })
+    .unwrap();
+    send(&s, "alice", "bob", "m1").await;
+    assert!(!live.path().join("wal").exists());
+    s.shutdown().await;
+}
