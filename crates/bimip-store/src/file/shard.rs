@@ -442,7 +442,7 @@ type FileKey = (String, FileKind);
 
 /// Where [`Shard::write_user`] puts a logged commit's records, and each written file's length
 /// before the write (to cut it back to if the log write fails).
-type LogSink<'a> = (&'a mut Vec<u8>, &'a mut Vec<(FileKey, u64)>);
+type LogSink<'a> = (u64, &'a mut Vec<u8>, &'a mut Vec<(FileKey, u64)>);
 
 fn file_key(user: &str, kind: FileKind) -> FileKey {
     (user.to_string(), kind)
@@ -469,7 +469,7 @@ impl Shard {
         let wal = cfg.wal.take();
         let checkpointer = wal
             .as_ref()
-            .map(|_| Checkpointer::start(cfg.data_dir.clone(), cfg.index));
+            .map(|w| Checkpointer::start(cfg.data_dir.clone(), cfg.index, w.spare()));
         Shard {
             wal,
             checkpointer,
@@ -566,8 +566,7 @@ impl Shard {
     /// leaves no log behind (its user files are complete and durable).
     fn finish_log(&mut self) {
         if let (Some(wal), Some(c)) = (&self.wal, &mut self.checkpointer) {
-            c.submit(&self.cfg.data_dir, wal.current());
-            c.finish();
+            c.finish(wal.current());
         }
     }
 
@@ -791,9 +790,10 @@ impl Shard {
         let path = profile_path(&self.cfg.data_dir, user);
         if self.wal.is_some() {
             let rec = p.to_record();
+            let generation = self.log_ready()?;
             profile::write(&path, &rec, false)?;
             let mut buf = Vec::new();
-            wal::encode_profile(&mut buf, user, &rec);
+            wal::encode_profile(&mut buf, generation, user, &rec);
             let r = self.append_log(&buf).and_then(|log| log.sync());
             if r.is_err() {
                 // The file has the new content, not known durable: memory follows the file.
@@ -863,16 +863,19 @@ impl Shard {
         }
         if logged {
             // One log append and one fdatasync for all of them (no syncfs on this thread).
-            let mut buf = Vec::new();
-            for (i, (_, rec)) in files.iter().enumerate() {
-                if !failed.iter().any(|(f, _)| *f == i) {
-                    wal::encode_profile(&mut buf, &names[i], rec);
+            let r = self.log_ready().and_then(|generation| {
+                let mut buf = Vec::new();
+                for (i, (_, rec)) in files.iter().enumerate() {
+                    if !failed.iter().any(|(f, _)| *f == i) {
+                        wal::encode_profile(&mut buf, generation, &names[i], rec);
+                    }
                 }
-            }
-            if buf.is_empty() {
-                return;
-            }
-            if let Err(e) = self.append_log(&buf).and_then(|log| log.sync()) {
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                self.append_log(&buf).and_then(|log| log.sync())
+            });
+            if let Err(e) = r {
                 tracing::error!(error = %e, "could not log profiles' last seen; they are written again later");
                 if let Some(w) = &mut self.wal {
                     w.broken = true;
@@ -1006,13 +1009,13 @@ impl Shard {
                 break;
             }
         }
-        if let (Ok(_), Some((buf, written))) = (&result, log) {
+        if let (Ok(_), Some((generation, buf, written))) = (&result, log) {
             for (key, _, before) in &open {
                 let (file, data) = match key.1 {
                     FileKind::Queue => (LogFile::Queue, &lines.queue),
                     FileKind::Index => (LogFile::Index, &lines.index),
                 };
-                wal::encode_write(buf, user, file, *before, data);
+                wal::encode_write(buf, generation, user, file, *before, data);
                 written.push((key.clone(), *before));
             }
             result = Ok(false);
@@ -1072,6 +1075,17 @@ impl Shard {
     /// `fsync = batch`, here with `always`); then the writes are answered.
     fn commit_logged(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
+        let generation = match self.log_ready() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "no commit log to write to; the batch is answered with an error");
+                for (user, d) in dirty {
+                    self.users.pop(&user);
+                    d.replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
+                }
+                return;
+            }
+        };
         // New user folders need no sync of their own: the replay at start creates them again,
         // and the checkpoint's syncfs makes them durable.
         self.new_dirs.clear();
@@ -1084,7 +1098,7 @@ impl Shard {
                 d.replies.into_iter().for_each(Deferred::send_ok);
                 continue;
             }
-            let log = Some((&mut buf, &mut written));
+            let log = Some((generation, &mut buf, &mut written));
             match self.write_user(&user, &d.lines, &mut unused, false, log) {
                 Ok(_) => waiting.push((user, d.replies, d.appends)),
                 Err(e) => self.fail_user(&user, d.replies, &e),
@@ -1155,12 +1169,20 @@ impl Shard {
         self.maybe_checkpoint(false);
     }
 
-    /// Appends whole records to the log, first starting a new generation if the current one
+    /// The generation the next records belong to, after starting a new one if the current one
     /// saw a failure.
-    fn append_log(&mut self, buf: &[u8]) -> Result<Arc<OpenLog>, StoreError> {
+    fn log_ready(&mut self) -> Result<u64, StoreError> {
         if self.wal.as_ref().is_some_and(|w| w.broken) {
             self.rotate_log()?;
         }
+        self.wal
+            .as_ref()
+            .map(Wal::generation)
+            .ok_or_else(|| StoreError::Invalid("no commit log".into()))
+    }
+
+    /// Appends whole records of the current generation (see [`Self::log_ready`]) to the log.
+    fn append_log(&mut self, buf: &[u8]) -> Result<Arc<OpenLog>, StoreError> {
         match &mut self.wal {
             Some(w) => w.append(buf),
             None => Err(StoreError::Invalid("no commit log".into())),
@@ -1189,7 +1211,8 @@ impl Shard {
             };
             r?;
         }
-        let log = self.append_log(&wal::encode_reset(user))?;
+        let generation = self.log_ready()?;
+        let log = self.append_log(&wal::encode_reset(generation, user))?;
         log.sync().inspect_err(|_| {
             if let Some(w) = &mut self.wal {
                 w.broken = true;
@@ -1510,6 +1533,24 @@ fn copy_err(e: &StoreError) -> StoreError {
         path,
         source: std::io::Error::new(kind, msg),
     }
+}
+
+/// `write_all_at`, with the same fault injection point as [`write_checked`].
+pub(crate) fn write_at_checked(
+    f: &File,
+    path: &Path,
+    buf: &[u8],
+    pos: u64,
+) -> Result<(), StoreError> {
+    use std::os::unix::fs::FileExt;
+    #[cfg(test)]
+    if let Some((after, kind)) = fault::write_fault(path) {
+        let n = after.min(buf.len());
+        f.write_all_at(&buf[..n], pos)
+            .map_err(|e| io_err(path, e))?;
+        return Err(io_err(path, std::io::Error::from(kind)));
+    }
+    f.write_all_at(buf, pos).map_err(|e| io_err(path, e))
 }
 
 /// `write_all`, with a fault injection point under test.

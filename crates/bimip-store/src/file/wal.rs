@@ -52,14 +52,24 @@ impl OpenLog {
     }
 }
 
+/// The recycled file of a checkpointed generation, ready to become a shard's next one
+/// (`shard-<n>.spare`). Shared by the shard and its checkpoint thread.
+pub(crate) type Spare = Arc<std::sync::Mutex<Option<PathBuf>>>;
+
+fn spare_name(shard: usize) -> String {
+    format!("shard-{shard}.spare")
+}
+
 /// The log one shard appends to.
 pub(crate) struct Wal {
     dir: PathBuf,
     shard: usize,
     generation: u64,
     log: Arc<OpenLog>,
+    /// Where the next record goes: a recycled file is longer than what this generation wrote.
     len: u64,
     opened: Instant,
+    spare: Spare,
     /// A write or fdatasync of this generation failed: its state is unknown, the next commit
     /// starts a new generation first.
     pub broken: bool,
@@ -78,6 +88,7 @@ impl Wal {
             log: Arc::new(log),
             len: 0,
             opened: Instant::now(),
+            spare: Arc::new(std::sync::Mutex::new(None)),
             broken: false,
         })
     }
@@ -87,18 +98,27 @@ impl Wal {
         self.len
     }
 
+    /// The current generation's number (every record carries it).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// How long the current generation has been open.
     pub fn age(&self) -> Duration {
         self.opened.elapsed()
     }
 
-    /// Appends `buf` (whole records) and returns the log to fdatasync. On failure the log is
-    /// cut back to where it was, so a partial record never sits in front of later ones.
+    /// The slot the checkpoint thread puts a recycled file in.
+    pub fn spare(&self) -> Spare {
+        self.spare.clone()
+    }
+
+    /// Writes `buf` (whole records of this generation) after the last ones and returns the log
+    /// to fdatasync. On failure the log is cut back to where it was, so a partial record never
+    /// sits in front of later ones, and the generation is marked broken.
     pub fn append(&mut self, buf: &[u8]) -> Result<Arc<OpenLog>, StoreError> {
         let before = self.len;
-        let mut f = &self.log.file;
-        let w = super::shard::write_checked(&mut f, &self.log.path, buf);
-        match w {
+        match super::shard::write_at_checked(&self.log.file, &self.log.path, buf, before) {
             Ok(()) => {
                 self.len += buf.len() as u64;
                 Ok(self.log.clone())
@@ -113,9 +133,31 @@ impl Wal {
         }
     }
 
-    /// Starts the next generation and returns the previous one (to be checkpointed).
+    /// Starts the next generation and returns the previous one (to be checkpointed). The new
+    /// generation reuses a recycled file when there is one: overwriting blocks the file already
+    /// has makes each fdatasync a data write alone, with no journal commit for a growing file
+    /// (and no block discards for a deleted one).
     pub fn rotate(&mut self) -> Result<Arc<OpenLog>, StoreError> {
-        let (log, generation) = create_log(&self.dir, self.shard, self.generation + 1)?;
+        let generation = self.generation + 1;
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (log, generation) = match spare {
+            Some(spare) => {
+                let path = self.dir.join(log_name(self.shard, generation));
+                let reused = fs::rename(&spare, &path)
+                    .and_then(|()| OpenOptions::new().write(true).open(&path));
+                match reused {
+                    Ok(file) => {
+                        sync_dir(&self.dir)?;
+                        (OpenLog { file, path }, generation)
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %spare.display(), error = %e, "could not reuse a recycled commit log; creating a new one");
+                        create_log(&self.dir, self.shard, generation)?
+                    }
+                }
+            }
+            None => create_log(&self.dir, self.shard, generation)?,
+        };
         let old = std::mem::replace(&mut self.log, Arc::new(log));
         self.generation = generation;
         self.len = 0;
@@ -135,7 +177,7 @@ impl Wal {
 fn create_log(dir: &Path, shard: usize, mut generation: u64) -> Result<(OpenLog, u64), StoreError> {
     loop {
         let path = dir.join(log_name(shard, generation));
-        match OpenOptions::new().create_new(true).append(true).open(&path) {
+        match OpenOptions::new().create_new(true).write(true).open(&path) {
             Ok(file) => {
                 sync_dir(dir)?;
                 return Ok((OpenLog { file, path }, generation));
@@ -147,7 +189,14 @@ fn create_log(dir: &Path, shard: usize, mut generation: u64) -> Result<(OpenLog,
 }
 
 /// Appends the record of `data` written at `offset` of one of `user`'s files.
-pub(crate) fn encode_write(out: &mut Vec<u8>, user: &str, file: LogFile, offset: u64, data: &[u8]) {
+pub(crate) fn encode_write(
+    out: &mut Vec<u8>,
+    generation: u64,
+    user: &str,
+    file: LogFile,
+    offset: u64,
+    data: &[u8],
+) {
     record::encode_line_into(
         &LogRecord {
             user: user.to_string(),
@@ -155,13 +204,19 @@ pub(crate) fn encode_write(out: &mut Vec<u8>, user: &str, file: LogFile, offset:
             offset,
             data: bytes::Bytes::copy_from_slice(data),
             reset: false,
+            generation,
         },
         out,
     );
 }
 
 /// Appends the record of `user`'s profile file replaced by `rec`'s line.
-pub(crate) fn encode_profile(out: &mut Vec<u8>, user: &str, rec: &bimip_proto::store::Profile) {
+pub(crate) fn encode_profile(
+    out: &mut Vec<u8>,
+    generation: u64,
+    user: &str,
+    rec: &bimip_proto::store::Profile,
+) {
     record::encode_line_into(
         &LogRecord {
             user: user.to_string(),
@@ -169,34 +224,40 @@ pub(crate) fn encode_profile(out: &mut Vec<u8>, user: &str, rec: &bimip_proto::s
             offset: 0,
             data: record::encode_line(rec).into(),
             reset: false,
+            generation,
         },
         out,
     );
 }
 
 /// The record saying compaction replaced `user`'s files.
-pub(crate) fn encode_reset(user: &str) -> Vec<u8> {
+pub(crate) fn encode_reset(generation: u64, user: &str) -> Vec<u8> {
     record::encode_line(&LogRecord {
         user: user.to_string(),
         reset: true,
+        generation,
         ..LogRecord::default()
     })
 }
 
 /// Runs checkpoints for one shard: one `syncfs` makes every user-file write of the handed-over
-/// generations durable, then those logs are deleted. A failed `syncfs` keeps the logs and is
-/// retried; logs left at a crash are replayed at the next start.
+/// generations durable, then those logs are recycled (one, as the shard's spare) or deleted. A
+/// failed `syncfs` keeps the logs and is retried; logs left at a crash are replayed at the next
+/// start.
 pub(crate) struct Checkpointer {
     tx: Option<std::sync::mpsc::Sender<Arc<OpenLog>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    spare: Spare,
+    shard: usize,
 }
 
 /// How long a failed checkpoint waits before it tries again.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 impl Checkpointer {
-    pub fn start(data_dir: PathBuf, shard: usize) -> Checkpointer {
+    pub fn start(data_dir: PathBuf, shard: usize, spare: Spare) -> Checkpointer {
         let (tx, rx) = std::sync::mpsc::channel::<Arc<OpenLog>>();
+        let slot = spare.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bimip-store-checkpoint-{shard}"))
             .spawn(move || {
@@ -209,7 +270,7 @@ impl Checkpointer {
                             Ok(l) => Some(l),
                             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                                checkpoint(&data_dir, &mut pending);
+                                checkpoint(&data_dir, shard, &slot, &mut pending, false);
                                 return;
                             }
                         }
@@ -220,13 +281,15 @@ impl Checkpointer {
                         None => {}
                     }
                     pending.extend(rx.try_iter());
-                    checkpoint(&data_dir, &mut pending);
+                    checkpoint(&data_dir, shard, &slot, &mut pending, true);
                 }
             })
             .ok();
         Checkpointer {
             tx: thread.as_ref().map(|_| tx),
             thread,
+            spare,
+            shard,
         }
     }
 
@@ -239,20 +302,36 @@ impl Checkpointer {
             },
             None => log,
         };
-        checkpoint(data_dir, &mut vec![log]);
+        checkpoint(data_dir, self.shard, &self.spare, &mut vec![log], true);
     }
 
-    /// Waits for every handed-over generation to be checkpointed (or given up on at a failure).
-    pub fn finish(&mut self) {
-        self.tx = None;
+    /// Hands over the last generation at shutdown and waits for every checkpoint (or its
+    /// failure): nothing is recycled, a cleanly stopped store leaves no log behind.
+    pub fn finish(&mut self, last: Arc<OpenLog>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(last);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(spare) = spare {
+            let _ = fs::remove_file(spare);
         }
     }
 }
 
-/// One checkpoint: `syncfs`, then the logs are deleted and the deletion made durable.
-fn checkpoint(data_dir: &Path, logs: &mut Vec<Arc<OpenLog>>) {
+/// One checkpoint: `syncfs`, then the logs are recycled (the first, if the shard has no spare)
+/// or deleted, in order, and that made durable. A failure keeps the log it failed on and every
+/// later one for the next try: a newer log must never outlive an older one of the same shard
+/// (its compaction resets assume the older records are gone or replayed first).
+fn checkpoint(
+    data_dir: &Path,
+    shard: usize,
+    spare: &Spare,
+    logs: &mut Vec<Arc<OpenLog>>,
+    recycle: bool,
+) {
     if logs.is_empty() {
         return;
     }
@@ -260,16 +339,28 @@ fn checkpoint(data_dir: &Path, logs: &mut Vec<Arc<OpenLog>>) {
         tracing::error!(error = %e, logs = logs.len(), "store checkpoint: syncfs failed; the commit logs are kept and the checkpoint retried");
         return;
     }
-    for log in logs.drain(..) {
-        match fs::remove_file(&log.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::error!(file = %log.path.display(), error = %e, "store checkpoint: could not delete a checkpointed commit log (it is replayed, harmlessly, at the next start)")
+    let dir = wal_dir(data_dir);
+    let mut done = 0;
+    for log in logs.iter() {
+        let mut slot = spare.lock().unwrap_or_else(|p| p.into_inner());
+        let r = if recycle && slot.is_none() {
+            let to = dir.join(spare_name(shard));
+            fs::rename(&log.path, &to).map(|()| *slot = Some(to))
+        } else {
+            match fs::remove_file(&log.path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
             }
+        };
+        drop(slot);
+        if let Err(e) = r {
+            tracing::error!(file = %log.path.display(), error = %e, "store checkpoint: could not remove a checkpointed commit log; retried");
+            break;
         }
+        done += 1;
     }
-    if let Err(e) = sync_dir(&wal_dir(data_dir)) {
+    logs.drain(..done);
+    if let Err(e) = sync_dir(&dir) {
         tracing::error!(error = %e, "store checkpoint: fsync of the wal folder failed");
     }
 }
@@ -285,7 +376,7 @@ struct LogScan {
 }
 
 /// The logs under `<data_dir>/wal`, oldest generation first within each shard.
-fn scan_logs(data_dir: &Path) -> Result<Vec<LogScan>, StoreError> {
+fn scan_logs(data_dir: &Path, remove_spares: bool) -> Result<Vec<LogScan>, StoreError> {
     let dir = wal_dir(data_dir);
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
@@ -300,16 +391,28 @@ fn scan_logs(data_dir: &Path) -> Result<Vec<LogScan>, StoreError> {
             logs.push((key, entry.path()));
         }
     }
+    // The spares (recycled, checkpointed logs) hold nothing to replay.
+    if remove_spares {
+        for entry in fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let path = entry.map_err(|e| io_err(&dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "spare") {
+                fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+            }
+        }
+    }
     logs.sort();
     let mut scans = Vec::with_capacity(logs.len());
-    for (_, path) in logs {
+    for ((_, generation), path) in logs {
         let data = fs::read(&path).map_err(|e| io_err(&path, e))?;
-        scans.push(scan_log(path, &data));
+        scans.push(scan_log(path, generation, &data));
     }
     Ok(scans)
 }
 
-fn scan_log(path: PathBuf, data: &[u8]) -> LogScan {
+/// Reads one log of `generation`. Its records end at the first record of another generation (a
+/// recycled file's older bytes) or at the end of the file; a bad line just before that end is
+/// a write cut short, a bad line followed by records of this generation is corruption.
+fn scan_log(path: PathBuf, generation: u64, data: &[u8]) -> LogScan {
     let mut scan = LogScan {
         path,
         records: Vec::new(),
@@ -324,6 +427,11 @@ fn scan_log(path: PathBuf, data: &[u8]) -> LogScan {
             Err(LineError::Torn)
         };
         match decoded {
+            Ok(r) if r.generation != generation => {
+                // An older generation's bytes: the end of this one's (a bad line just before
+                // is the last write's tail or part of an older line, not worth a word).
+                return scan;
+            }
             Ok(r) => {
                 // A bad line before a good one is not a torn tail.
                 scan.bad.extend(last_bad.take());
@@ -479,7 +587,7 @@ pub(crate) fn recover(
     truncated: &mut Vec<(PathBuf, u64, String)>,
     repaired: &mut Vec<(PathBuf, u64, String)>,
 ) -> Result<LogReport, StoreError> {
-    let scans = scan_logs(data_dir)?;
+    let scans = scan_logs(data_dir, true)?;
     let mut report = LogReport {
         logs: scans.len(),
         ..LogReport::default()
@@ -598,7 +706,7 @@ pub(crate) fn check(
         }
         return Ok(());
     }
-    let scans = scan_logs(data_dir)?;
+    let scans = scan_logs(data_dir, false)?;
     let mut missing = 0u64;
     let mut users = HashSet::new();
     for s in &scans {
@@ -661,9 +769,14 @@ pub(crate) fn check(
 mod tests {
     use super::*;
 
+    /// A record of generation 1 (the tests' logs are `log_name(_, 1)` unless said otherwise).
     fn rec(user: &str, file: LogFile, offset: u64, data: &[u8]) -> Vec<u8> {
+        rec_of(1, user, file, offset, data)
+    }
+
+    fn rec_of(generation: u64, user: &str, file: LogFile, offset: u64, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_write(&mut out, user, file, offset, data);
+        encode_write(&mut out, generation, user, file, offset, data);
         out
     }
 
@@ -680,11 +793,25 @@ mod tests {
         data.extend_from_slice(b"not base64!\n");
         data.extend(rec("a", LogFile::Queue, 2, b"y\n"));
         data.extend_from_slice(b"QUJD");
-        let s = scan_log(PathBuf::from("l"), &data);
+        let s = scan_log(PathBuf::from("l"), 1, &data);
         assert_eq!(s.records.len(), 2);
         assert_eq!(s.bad.len(), 1);
         assert_eq!(s.bad[0].0, 2);
         assert_eq!(s.torn.as_ref().map(|t| t.0), Some(4));
+    }
+
+    #[test]
+    fn a_recycled_file_ends_where_the_older_generation_starts() {
+        // Generation 5 overwrote the start of generation 3's file; its last write was cut
+        // short in the middle of an older line.
+        let mut data = rec_of(5, "a", LogFile::Queue, 0, b"new\n");
+        let old = rec_of(3, "a", LogFile::Queue, 0, b"older-and-longer\n");
+        data.extend_from_slice(&old[old.len() / 2..]);
+        data.extend(rec_of(3, "a", LogFile::Queue, 17, b"x\n"));
+        let s = scan_log(PathBuf::from("l"), 5, &data);
+        assert_eq!(s.records.len(), 1);
+        assert!(s.bad.is_empty());
+        assert!(s.torn.is_none());
     }
 
     #[test]
@@ -722,11 +849,11 @@ mod tests {
         fs::create_dir_all(q.parent().unwrap()).unwrap();
         fs::write(&q, b"compacted\n").unwrap();
         let mut log = rec("alice", LogFile::Queue, 0, b"old-old-old-old\n");
-        log.extend(encode_reset("alice"));
+        log.extend(encode_reset(1, "alice"));
         fs::write(wal.join(log_name(0, 1)), &log).unwrap();
         fs::write(
             wal.join(log_name(0, 2)),
-            rec("alice", LogFile::Queue, 10, b"new\n"),
+            rec_of(2, "alice", LogFile::Queue, 10, b"new\n"),
         )
         .unwrap();
         let (mut t, mut r) = (Vec::new(), Vec::new());
@@ -741,9 +868,9 @@ mod tests {
         let d = dir.path();
         let wal = wal_dir(d);
         fs::create_dir_all(&wal).unwrap();
-        let mut log = rec("alice", LogFile::Queue, 0, b"a\n");
+        let mut log = rec_of(7, "alice", LogFile::Queue, 0, b"a\n");
         log.extend_from_slice(b"@@@@\n");
-        log.extend(rec("alice", LogFile::Queue, 2, b"b\n"));
+        log.extend(rec_of(7, "alice", LogFile::Queue, 2, b"b\n"));
         let path = wal.join(log_name(1, 7));
         fs::write(&path, &log).unwrap();
         let (mut t, mut r) = (Vec::new(), Vec::new());

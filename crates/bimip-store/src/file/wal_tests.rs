@@ -292,32 +292,83 @@ async fn records_from_before_a_compaction_are_not_replayed_onto_the_compacted_fi
     s.shutdown().await;
 }
 
+fn logs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = walk(&dir.join("wal"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Waits until the log generation `name` is checkpointed (test builds checkpoint a non-empty
+/// generation after a short age, see `CHECKPOINT_AGE`).
+async fn checkpointed(dir: &Path, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dir.join("wal").join(name).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never checkpointed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn old_generations_are_checkpointed_and_deleted() {
+async fn checkpointed_generations_are_recycled_and_their_old_bytes_never_replayed() {
     let live = TempDir::new().unwrap();
+    let d = live.path();
     let (s, _) = FileStore::open(StoreConfig {
         shards: 1,
-        ..StoreConfig::new(live.path())
+        ..StoreConfig::new(d)
     })
     .unwrap();
     send(&s, "alice", "bob", "m1").await;
-    let first = walk(&live.path().join("wal"));
-    assert_eq!(first.len(), 1);
-    // Test builds checkpoint a non-empty generation after a short age (see `CHECKPOINT_AGE`).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while first[0].exists() {
-        assert!(std::time::Instant::now() < deadline, "never checkpointed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let now = walk(&live.path().join("wal"));
-    assert_eq!(now.len(), 1, "{now:?}");
-    assert_ne!(now, first);
+    assert_eq!(logs(d), ["shard-0.0000000001.log"]);
+    checkpointed(d, "shard-0.0000000001.log").await;
+    // The checkpointed file is kept as the spare; the next generation was a new file.
+    assert_eq!(logs(d), ["shard-0.0000000002.log", "shard-0.spare"]);
     send(&s, "alice", "bob", "m2").await;
-    s.shutdown().await;
-    let (s2, report) = FileStore::open(StoreConfig::new(live.path())).unwrap();
-    assert_eq!(report.log.records, 0);
-    assert_eq!(conversation(&s2, "bob", "alice").await.len(), 2);
+    checkpointed(d, "shard-0.0000000002.log").await;
+    // Generation 3 reuses generation 1's file (its old record still in it), 2 is the spare.
+    assert_eq!(logs(d), ["shard-0.0000000003.log", "shard-0.spare"]);
+    let q = queue_path(d, "bob");
+    let before = std::fs::metadata(&q).unwrap().len();
+    fault::hold_checkpoints(d);
+    send(&s, "alice", "bob", "m3").await;
+    let want = conversation(&s, "bob", "alice").await;
+    assert_eq!(want.len(), 3);
+
+    let image = TempDir::new().unwrap();
+    crash_image(d, image.path());
+    // m3's line did not reach bob's file before the machine stopped.
+    let iq = queue_path(image.path(), "bob");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&iq)
+        .unwrap()
+        .set_len(before)
+        .unwrap();
+    let (s2, report) = FileStore::open(StoreConfig::new(image.path())).unwrap();
+    // Only generation 3's records (m3 to bob, its copy to alice), not generation 1's m1.
+    assert_eq!(
+        (report.log.records, report.log.missing),
+        (2, 1),
+        "{:?}",
+        report.log
+    );
+    assert!(report.truncated.is_empty(), "{:?}", report.truncated);
+    assert_eq!(conversation(&s2, "bob", "alice").await, want);
     s2.shutdown().await;
+    assert!(logs(image.path()).is_empty());
+
+    // A clean stop leaves neither logs nor a spare.
+    s.shutdown().await;
+    assert!(logs(d).is_empty(), "{:?}", logs(d));
+    let (s3, report) = FileStore::open(StoreConfig::new(d)).unwrap();
+    assert_eq!(report.log.records, 0);
+    assert_eq!(conversation(&s3, "bob", "alice").await, want);
+    s3.shutdown().await;
 }
 
 #[tokio::test]
