@@ -332,6 +332,9 @@ impl Syncer {
 /// one fsync per file.
 const SYNCFS_MIN_USERS: usize = 3;
 
+/// A shard batch taking this long is logged with where its time went.
+const SLOW_BATCH: Duration = Duration::from_millis(100);
+
 /// Most commands applied per group commit, so one batch's latency stays bounded.
 const MAX_BATCH: usize = 1024;
 
@@ -511,6 +514,8 @@ impl Shard {
             }
             let mut stop = None;
             let tick = batch.iter().any(|c| matches!(c, Cmd::Tick));
+            let started = Instant::now();
+            let commands = batch.len();
             for cmd in batch {
                 if stop.is_some() {
                     cmd.refuse();
@@ -526,11 +531,28 @@ impl Shard {
                     }
                 }
             }
+            let handled = started.elapsed();
             self.commit();
+            let committed = started.elapsed();
             if stop.is_none() {
                 self.maintain(tick);
             }
+            let maintained = started.elapsed();
             self.trim();
+            let took = started.elapsed();
+            if took >= SLOW_BATCH {
+                // Every write of this shard waits for its batch: say where the time went.
+                tracing::warn!(
+                    shard = self.cfg.index,
+                    commands,
+                    took_ms = took.as_millis() as u64,
+                    apply_ms = handled.as_millis() as u64,
+                    commit_ms = (committed - handled).as_millis() as u64,
+                    maintain_ms = (maintained - committed).as_millis() as u64,
+                    trim_ms = (took - maintained).as_millis() as u64,
+                    "slow store batch"
+                );
+            }
             if let Some(reply) = stop {
                 rx.close();
                 while let Ok(c) = rx.try_recv() {
