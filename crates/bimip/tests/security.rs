@@ -163,7 +163,7 @@ async fn hostile_user_ids_are_refused_and_nothing_is_written_outside_the_data_di
         assert!(
             matches!(
                 top.as_deref(),
-                None | Some("bimip") | Some("push") | Some("revocations.json")
+                None | Some("bimip") | Some("push") | Some("wal") | Some("revocations.json")
             ),
             "unexpected {}",
             p.display()
