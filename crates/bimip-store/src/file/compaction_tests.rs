@@ -65,7 +65,7 @@ fn ack(device: &str, peer: &str, up: u64) -> AckRequest {
     }
 }
 
-async fn read_all(s: &FileStore, user: &str, peer: &str) -> ReadBatch {
+pub(super) async fn read_all(s: &FileStore, user: &str, peer: &str) -> ReadBatch {
     s.read(
         user,
         ReadRequest {

@@ -26,7 +26,7 @@ fn open(dir: &Path) -> FileStore {
     FileStore::open(config(dir)).expect("open store").0
 }
 
-fn chat(from: &str, to: &str, id: &str) -> NewItem {
+pub(super) fn chat(from: &str, to: &str, id: &str) -> NewItem {
     NewItem {
         partition: Partition::Chat,
         from: from.into(),

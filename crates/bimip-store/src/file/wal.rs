@@ -769,6 +769,23 @@ pub(crate) fn check(
 mod tests {
     use super::*;
 
+    /// A temporary data dir with an empty `wal/` folder: (dir, data dir, wal folder).
+    fn data_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let wal = wal_dir(&d);
+        fs::create_dir_all(&wal).unwrap();
+        (dir, d, wal)
+    }
+
+    /// Writes `data` as alice's queue file (its folder created).
+    fn alice_queue(d: &Path, data: &[u8]) -> PathBuf {
+        let q = queue_path(d, "alice");
+        fs::create_dir_all(q.parent().unwrap()).unwrap();
+        fs::write(&q, data).unwrap();
+        q
+    }
+
     /// A record of generation 1 (the tests' logs are `log_name(_, 1)` unless said otherwise).
     fn rec(user: &str, file: LogFile, offset: u64, data: &[u8]) -> Vec<u8> {
         rec_of(1, user, file, offset, data)
@@ -816,14 +833,10 @@ mod tests {
 
     #[test]
     fn replay_writes_what_the_files_lost_and_skips_what_they_have() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let wal = wal_dir(d);
-        fs::create_dir_all(&wal).unwrap();
-        let q = queue_path(d, "alice");
-        fs::create_dir_all(q.parent().unwrap()).unwrap();
+        let (_dir, d, wal) = data_dir();
+        let d = d.as_path();
         // The file kept the first record but lost (part of) the second.
-        fs::write(&q, b"first\nsec").unwrap();
+        let q = alice_queue(d, b"first\nsec");
         let mut log = rec("alice", LogFile::Queue, 0, b"first\n");
         log.extend(rec("alice", LogFile::Queue, 6, b"second\n"));
         log.extend(rec("bob", LogFile::Index, 0, b"cursor\n"));
@@ -841,13 +854,9 @@ mod tests {
 
     #[test]
     fn records_before_a_reset_are_not_replayed() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let wal = wal_dir(d);
-        fs::create_dir_all(&wal).unwrap();
-        let q = queue_path(d, "alice");
-        fs::create_dir_all(q.parent().unwrap()).unwrap();
-        fs::write(&q, b"compacted\n").unwrap();
+        let (_dir, d, wal) = data_dir();
+        let d = d.as_path();
+        let q = alice_queue(d, b"compacted\n");
         let mut log = rec("alice", LogFile::Queue, 0, b"old-old-old-old\n");
         log.extend(encode_reset(1, "alice"));
         fs::write(wal.join(log_name(0, 1)), &log).unwrap();
@@ -864,10 +873,8 @@ mod tests {
 
     #[test]
     fn a_bad_middle_line_refuses_the_start_unless_repair() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let wal = wal_dir(d);
-        fs::create_dir_all(&wal).unwrap();
+        let (_dir, d, wal) = data_dir();
+        let d = d.as_path();
         let mut log = rec_of(7, "alice", LogFile::Queue, 0, b"a\n");
         log.extend_from_slice(b"@@@@\n");
         log.extend(rec_of(7, "alice", LogFile::Queue, 2, b"b\n"));
@@ -894,10 +901,8 @@ mod tests {
 
     #[test]
     fn a_gap_is_reported_not_filled() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let wal = wal_dir(d);
-        fs::create_dir_all(&wal).unwrap();
+        let (_dir, d, wal) = data_dir();
+        let d = d.as_path();
         fs::write(
             wal.join(log_name(0, 1)),
             rec("alice", LogFile::Queue, 100, b"late\n"),

@@ -7,27 +7,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use bimip_proto::v1::{Partition, ReceiptKind};
-use bytes::Bytes;
 use tempfile::TempDir;
 
+use super::compaction_tests::read_all;
 use super::shard::fault;
+use super::tests::chat;
 use super::*;
-use crate::{
-    AckRequest, Appended, CopyTo, NewItem, PresenceUpdate, ProfileStore, QueueStore, ReadRequest,
-};
-
-fn chat(from: &str, to: &str, id: &str) -> NewItem {
-    NewItem {
-        partition: Partition::Chat,
-        from: from.into(),
-        to: to.into(),
-        payload: Bytes::from(format!("payload of {id}")),
-        message_id: id.into(),
-        device: "dev".into(),
-        peer_offset: 0,
-        dedupe: true,
-    }
-}
+use crate::{AckRequest, Appended, CopyTo, NewItem, PresenceUpdate, ProfileStore, QueueStore};
 
 /// A chat message to `to` and the sender's copy, both waited for.
 async fn send(s: &FileStore, from: &str, to: &str, id: &str) -> Appended {
@@ -51,21 +37,9 @@ async fn send(s: &FileStore, from: &str, to: &str, id: &str) -> Appended {
 /// Every chat item `user` holds from `peer` (both directions of the conversation), as
 /// `(offset, message id, acknowledged)`.
 async fn conversation(s: &FileStore, user: &str, peer: &str) -> Vec<(u64, String, bool)> {
-    let b = s
-        .read(
-            user,
-            ReadRequest {
-                device: "reader".into(),
-                partition: Partition::Chat,
-                peer: Some(peer.into()),
-                start: Some(1),
-                limit: 0,
-                ..Default::default()
-            },
-        )
+    read_all(s, user, peer)
         .await
-        .expect("read");
-    b.items
+        .items
         .iter()
         .map(|i| (i.offset, i.message_id.clone(), i.acknowledged))
         .collect()
