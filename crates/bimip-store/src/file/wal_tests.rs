@@ -357,3 +357,63 @@ async fn without_the_log_nothing_is_written_to_wal() {
     assert!(!live.path().join("wal").exists());
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_failed_log_write_fails_its_batch_only_and_the_log_starts_a_new_generation() {
+    let live = TempDir::new().unwrap();
+    let d = live.path();
+    fault::hold_checkpoints(d);
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        ..StoreConfig::new(d)
+    })
+    .unwrap();
+    send(&s, "alice", "bob", "m1").await;
+    let len = |dir: &Path, user: &str| std::fs::metadata(queue_path(dir, user)).unwrap().len();
+    let after_m1 = [("bob", len(d, "bob")), ("alice", len(d, "alice"))];
+    let log = d.join("wal").join("shard-0.0000000001.log");
+    assert!(log.exists());
+    // The disk fills up halfway through the next commit's log write.
+    fault::fail_next_write(&log, 10, std::io::ErrorKind::StorageFull);
+    let item = chat("alice", "bob", "m2");
+    let copy = CopyTo {
+        user: "alice".into(),
+        item: NewItem {
+            dedupe: false,
+            ..item.clone()
+        },
+    };
+    let (a, c) = s.enqueue_append_with_copy("bob", item, copy).await.unwrap();
+    assert!(matches!(a.wait().await, Err(StoreError::Io { .. })));
+    let _ = c.wait().await;
+    // The failed batch left nothing behind: m2 was not stored, and m2's resend is new.
+    assert_eq!(send(&s, "alice", "bob", "m3").await.offset, 2);
+    // Generation 1 is abandoned (checkpointed like any other, meanwhile perhaps already).
+    assert!(
+        logs(d).contains(&"shard-0.0000000002.log".to_string()),
+        "{:?}",
+        logs(d)
+    );
+    let want = conversation(&s, "bob", "alice").await;
+    let ids: Vec<&str> = want.iter().map(|w| w.1.as_str()).collect();
+    assert_eq!(ids, ["m1", "m3"]);
+
+    // A machine crash loses what was written after m1 (generation 1 may have been checkpointed
+    // meanwhile, so m1 itself is durable either way): generation 2 brings m3 back, and nothing of
+    // the failed write comes back.
+    let image = TempDir::new().unwrap();
+    crash_image(d, image.path());
+    for (user, n) in after_m1 {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(queue_path(image.path(), user))
+            .unwrap();
+        f.set_len(n).unwrap();
+    }
+    let (s2, report) = FileStore::open(StoreConfig::new(image.path())).unwrap();
+    assert!(report.truncated.is_empty(), "{:?}", report.truncated);
+    assert_eq!(conversation(&s2, "bob", "alice").await, want);
+    assert!(!send(&s2, "alice", "bob", "m2").await.duplicate);
+    s2.shutdown().await;
+    s.shutdown().await;
+}
