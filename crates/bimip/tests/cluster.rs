@@ -520,23 +520,8 @@ async fn start_warns_about_redis_settings_that_lose_acknowledged_messages() {
         redis.port()
     );
     let data = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bimip"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "info"])
-        .args(["--jwt-secret", SECRET, "--redis", &url, "--node-id", "w1"])
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    let addr = line
-        .strip_prefix("bimip listening on http://")
-        .and_then(|r| r.split_whitespace().next())
-        .expect("listening line")
-        .to_string();
+    let args = ["--jwt-secret", SECRET, "--redis", &url, "--node-id", "w1"];
+    let (mut child, addr) = spawn_logging(data.path(), "info", &args);
     // Requests wait until the store is open, so this answers after the settings were checked.
     let ready = http()
         .get(format!("http://{addr}/readyz"))

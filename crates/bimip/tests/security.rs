@@ -323,23 +323,8 @@ async fn secrets_and_tokens_never_appear_in_debug_logs() {
     let data = tempfile::tempdir().unwrap();
     let secret = "log-secret-0123456789-SHOULD-NOT-LEAK";
     let api_key = "api-key-SHOULD-NOT-LEAK-42";
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bimip"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "debug"])
-        .args(["--jwt-secret", secret, "--api-key", api_key])
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    let addr = line
-        .strip_prefix("bimip listening on http://")
-        .and_then(|r| r.split_whitespace().next())
-        .expect("listening line")
-        .to_string();
+    let args = ["--jwt-secret", secret, "--api-key", api_key];
+    let (mut child, addr) = spawn_logging(data.path(), "debug", &args);
     let url = format!("ws://{addr}/ws");
     let good = bimip_client::token::mint_hs256(secret.as_bytes(), "alice", None, T).unwrap();
     let wrong =

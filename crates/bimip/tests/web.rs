@@ -260,27 +260,12 @@ async fn dev_mode_prints_the_demo_url() {
 #[tokio::test]
 async fn a_query_token_never_appears_in_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bimip"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "trace"])
-        .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
-        .args(["--jwt-leeway-secs", "0", "--dev"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr = line
-        .strip_prefix("bimip listening on http://")
-        .and_then(|r| r.split_whitespace().next())
-        .expect("listening line")
-        .to_string();
-    // Keep stdout drained.
-    std::thread::spawn(move || for _ in stdout.lines() {});
+    let args = ["--jwt-secret", SECRET, "--api-key", API_KEY];
+    let (mut child, addr) = spawn_logging(
+        dir.path(),
+        "trace",
+        &[&args[..], &["--jwt-leeway-secs", "0", "--dev"]].concat(),
+    );
     let url = format!("ws://{addr}/ws");
     let good = token("alice", Some("web"));
     let expired = {

@@ -430,6 +430,34 @@ pub async fn openapi(s: &Server) -> serde_json::Value {
         .expect("OpenAPI JSON")
 }
 
+/// Starts `bimip serve` on a free port with `--log level`, `args` and `dir` as its data dir, its
+/// stderr captured (read it with [`terminate_and_read_stderr`]); returns it and its `host:port`
+/// once it listens. Its stdout keeps being drained.
+pub fn spawn_logging(dir: &Path, level: &str, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bimip"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", level])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start bimip serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line
+        .strip_prefix("bimip listening on http://")
+        .and_then(|r| r.split_whitespace().next())
+        .expect("listening line")
+        .to_string();
+    std::thread::spawn(move || for _ in stdout.lines() {});
+    (child, addr)
+}
+
 /// Stops a server started by hand with SIGTERM and returns everything it wrote to stderr.
 pub fn terminate_and_read_stderr(child: &mut std::process::Child) -> String {
     use std::io::Read;
