@@ -1,7 +1,9 @@
 //! A shard: one writer thread owning a slice of the users (their decoded state and their open
 //! files). Commands arrive over a bounded channel; a drained batch is applied to memory, each
-//! dirty file gets one `write_all` and one fsync, and only then are the writes answered (group
-//! commit). No lock is shared between shards and nothing blocks the async callers but the send.
+//! dirty file gets one `write_all`, the batch is made durable (one fdatasync of the shard's commit
+//! log, see [`super::wal`]; without it, fsyncs or a `syncfs`), and only then are the writes
+//! answered (group commit). No lock is shared between shards and nothing blocks the async callers
+//! but the send.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -190,8 +192,8 @@ struct Dirty {
     appends: usize,
 }
 
-/// Batches whose lines are written and wait for the `syncfs` that makes them durable: `(user,
-/// replies, appends)` per user.
+/// Batches whose lines are written and wait for the sync that makes them durable (the commit
+/// log's `fdatasync`, or a `syncfs`): `(user, replies, appends)` per user.
 type Waiting = Vec<(String, Vec<Deferred>, usize)>;
 
 /// A batch handed to the [`Syncer`]: its number, its writes, and the commit log that holds its
@@ -208,7 +210,7 @@ struct Syncer {
     /// The last batch number handed over, and (shared with the thread) the last one answered.
     submitted: u64,
     done: Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
-    /// Users of batches whose `syncfs` failed: the shard reloads them from disk.
+    /// Users of batches whose sync failed: the shard reloads them from disk.
     failed: std::sync::mpsc::Receiver<Vec<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -239,10 +241,12 @@ impl Syncer {
                     }
                     let jobs: Vec<Waiting> = jobs.into_iter().map(|(_, w, _)| w).collect();
                     let t = Instant::now();
+                    // On failure, also the file that failed: a log, or the data dir's filesystem.
                     let r = if whole_fs {
-                        profile::syncfs(&data_dir)
+                        profile::syncfs(&data_dir).map_err(|e| (data_dir.as_path(), e))
                     } else {
-                        logs.iter().try_for_each(|l| l.file.sync_data())
+                        logs.iter()
+                            .try_for_each(|l| l.file.sync_data().map_err(|e| (l.path.as_path(), e)))
                     };
                     let took = t.elapsed();
                     match r {
@@ -256,7 +260,7 @@ impl Syncer {
                                 obs.fsync(took, appends);
                             }
                         }
-                        Err(e) => {
+                        Err((path, e)) => {
                             // The lines are in the files but not known durable: answer an error
                             // (a client's resend is then recognised as a duplicate) and have the
                             // shard reload the users.
@@ -269,7 +273,7 @@ impl Syncer {
                             for (user, replies, _) in jobs.into_iter().flatten() {
                                 for r in replies {
                                     r.send_err(io_err(
-                                        &data_dir,
+                                        path,
                                         std::io::Error::new(e.kind(), e.to_string()),
                                     ));
                                 }
@@ -358,8 +362,8 @@ pub(crate) struct ShardConfig {
     pub wal: Option<Wal>,
 }
 
-/// A commit log generation this large is checkpointed (a new one started, the old one synced
-/// into the user files and deleted): bounds the log's disk use and the replay at start.
+/// A commit log generation this large is checkpointed (a new one started, the old one's user
+/// files synced, its file recycled or deleted): bounds the log's disk use and the replay at start.
 const CHECKPOINT_BYTES: u64 = 32 << 20;
 
 /// A non-empty log generation this old is checkpointed at the next tick, so an idle store's user
@@ -421,7 +425,7 @@ pub(crate) struct Shard {
     in_sync: HashMap<String, u64>,
     /// The commit log a commit appends to and syncs (see [`wal`]); `None` without it.
     wal: Option<Wal>,
-    /// Syncs finished log generations into the user files and deletes them.
+    /// Syncs the user files of finished log generations, then recycles or deletes their files.
     checkpointer: Option<Checkpointer>,
 }
 
@@ -559,12 +563,7 @@ impl Shard {
                     c.refuse();
                 }
                 self.inbox().close();
-                self.flush_lazy(usize::MAX);
-                self.sync_unsynced();
-                if let Some(s) = &mut self.syncer {
-                    s.finish();
-                }
-                self.finish_log();
+                self.close();
                 let _ = reply.send(());
                 return;
             }
@@ -576,17 +575,18 @@ impl Shard {
         }
         self.inbox().close();
         self.commit();
+        self.close();
+    }
+
+    /// At shutdown, after the last commit: lazily kept profiles are written, everything is
+    /// synced, and a last checkpoint leaves no commit log behind (the user files are complete
+    /// and durable).
+    fn close(&mut self) {
         self.flush_lazy(usize::MAX);
         self.sync_unsynced();
         if let Some(s) = &mut self.syncer {
             s.finish();
         }
-        self.finish_log();
-    }
-
-    /// At shutdown, once every commit is synced: a last checkpoint, so a cleanly stopped store
-    /// leaves no log behind (its user files are complete and durable).
-    fn finish_log(&mut self) {
         if let (Some(wal), Some(c)) = (&self.wal, &mut self.checkpointer) {
             c.finish(wal.current());
         }
@@ -816,13 +816,10 @@ impl Shard {
             profile::write(&path, &rec, false)?;
             let mut buf = Vec::new();
             wal::encode_profile(&mut buf, generation, user, &rec);
-            let r = self.append_log(&buf).and_then(|log| log.sync());
+            let r = self.append_log(&buf).and_then(|log| self.sync_log(&log));
             if r.is_err() {
                 // The file has the new content, not known durable: memory follows the file.
                 self.profiles.pop(user);
-                if let Some(w) = &mut self.wal {
-                    w.broken = true;
-                }
             }
             return r;
         }
@@ -895,13 +892,10 @@ impl Shard {
                 if buf.is_empty() {
                     return Ok(());
                 }
-                self.append_log(&buf).and_then(|log| log.sync())
+                self.append_log(&buf).and_then(|log| self.sync_log(&log))
             });
             if let Err(e) = r {
                 tracing::error!(error = %e, "could not log profiles' last seen; they are written again later");
-                if let Some(w) = &mut self.wal {
-                    w.broken = true;
-                }
                 self.lazy.extend(names);
             }
             return;
@@ -1101,10 +1095,8 @@ impl Shard {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(error = %e, "no commit log to write to; the batch is answered with an error");
-                for (user, d) in dirty {
-                    self.users.pop(&user);
-                    d.replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
-                }
+                let all = dirty.into_iter().map(|(u, d)| (u, d.replies, d.appends));
+                self.fail_waiting(all.collect(), &e);
                 return;
             }
         };
@@ -1143,10 +1135,7 @@ impl Shard {
                         self.put_file(key, f);
                     }
                 }
-                for (user, replies, _) in waiting {
-                    self.users.pop(&user);
-                    replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
-                }
+                self.fail_waiting(waiting, &e);
                 return;
             }
         };
@@ -1157,13 +1146,9 @@ impl Shard {
                 .syncer
                 .as_ref()
                 .is_some_and(|s| s.answered() == s.submitted);
-        if let Some(syncer) = self.syncer.as_mut().filter(|_| !inline) {
-            let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
-            match syncer.submit(waiting, Some(log.clone())) {
-                Ok(n) => {
-                    for u in users {
-                        self.in_sync.insert(u, n);
-                    }
+        if !inline {
+            match self.hand_to_syncer(waiting, Some(log.clone())) {
+                Ok(()) => {
                     self.maybe_checkpoint(false);
                     return;
                 }
@@ -1171,7 +1156,7 @@ impl Shard {
             }
         }
         let t = Instant::now();
-        let r = log.sync();
+        let r = self.sync_log(&log);
         let took = t.elapsed();
         match r {
             Ok(()) => {
@@ -1186,16 +1171,46 @@ impl Shard {
             }
             Err(e) => {
                 tracing::error!(error = %e, "store commit log fdatasync failed; the batch is answered with an error");
-                if let Some(wal) = &mut self.wal {
-                    wal.broken = true;
-                }
-                for (user, replies, _) in waiting {
-                    self.users.pop(&user);
-                    replies.into_iter().for_each(|r| r.send_err(copy_err(&e)));
-                }
+                self.fail_waiting(waiting, &e);
             }
         }
         self.maybe_checkpoint(false);
+    }
+
+    /// Written lines that are not known durable: their writes get the error and the users'
+    /// state is reloaded from disk on next use.
+    fn fail_waiting(&mut self, waiting: Waiting, e: &StoreError) {
+        for (user, replies, _) in waiting {
+            self.users.pop(&user);
+            replies.into_iter().for_each(|r| r.send_err(copy_err(e)));
+        }
+    }
+
+    /// Hands written batches to the sync thread and remembers which users wait for it (reads of
+    /// them wait too); gives the batches back without a sync thread.
+    fn hand_to_syncer(
+        &mut self,
+        waiting: Waiting,
+        log: Option<Arc<OpenLog>>,
+    ) -> Result<(), Waiting> {
+        let Some(syncer) = &mut self.syncer else {
+            return Err(waiting);
+        };
+        let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
+        let n = syncer.submit(waiting, log)?;
+        for u in users {
+            self.in_sync.insert(u, n);
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs the log here; after a failure its generation is not written to again.
+    fn sync_log(&mut self, log: &OpenLog) -> Result<(), StoreError> {
+        log.sync().inspect_err(|_| {
+            if let Some(w) = &mut self.wal {
+                w.broken = true;
+            }
+        })
     }
 
     /// The generation the next records belong to, after starting a new one if the current one
@@ -1242,11 +1257,7 @@ impl Shard {
         }
         let generation = self.log_ready()?;
         let log = self.append_log(&wal::encode_reset(generation, user))?;
-        log.sync().inspect_err(|_| {
-            if let Some(w) = &mut self.wal {
-                w.broken = true;
-            }
-        })
+        self.sync_log(&log)
     }
 
     /// Makes this batch's lines durable, then answers its writes.
@@ -1298,17 +1309,9 @@ impl Shard {
             }
         }
         if !waiting.is_empty()
-            && let Some(syncer) = &mut self.syncer
+            && let Err(back) = self.hand_to_syncer(std::mem::take(&mut waiting), None)
         {
-            let users: Vec<String> = waiting.iter().map(|(u, _, _)| u.clone()).collect();
-            match syncer.submit(std::mem::take(&mut waiting), None) {
-                Ok(n) => {
-                    for u in users {
-                        self.in_sync.insert(u, n);
-                    }
-                }
-                Err(back) => waiting = back,
-            }
+            waiting = back;
         }
         if !waiting.is_empty() {
             let t = Instant::now();

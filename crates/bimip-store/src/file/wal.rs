@@ -3,12 +3,14 @@
 //! well, and a commit is durable once that one sequential file is fdatasynced — one I/O however
 //! many users the commit touched. The user files get the same bytes with plain writes and become
 //! durable at a checkpoint: the shard starts a new log generation, a checkpoint thread runs one
-//! `syncfs` and then deletes the old log. At start, [`recover`] writes every logged record whose
-//! bytes are not in its user file back into that file, syncs, and deletes the logs.
+//! `syncfs` and then keeps the old log's file as the shard's spare (a later generation overwrites
+//! it) or deletes it. At start, [`recover`] writes every logged record whose bytes are not in its
+//! user file back into that file, syncs, and deletes the logs.
 //!
 //! Files: `<data_dir>/wal/shard-<n>.<generation>.log`, lines in the store's line format (Base64 of
-//! a `bimip.store.v1.LogRecord` and its CRC-32C). Only the last line of a log can be torn (the
-//! log is append-only and a commit is answered after its fdatasync).
+//! a `bimip.store.v1.LogRecord` and its CRC-32C). A generation's records end at the end of the file
+//! or at the first record of another generation (a reused file's older bytes); only the line just
+//! before that end can be torn (a commit is answered after its fdatasync).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -507,16 +509,13 @@ fn needed(path: &Path, r: &LogRecord) -> Result<Needed, StoreError> {
     })
 }
 
-fn write_record(
-    path: &Path,
-    r: &LogRecord,
-    created_dirs: &mut HashSet<PathBuf>,
-) -> Result<(), StoreError> {
+/// Puts a record's bytes into its file (folders created as needed; the `syncfs` after the
+/// replay makes files and folders durable).
+fn write_record(path: &Path, r: &LogRecord) -> Result<(), StoreError> {
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        created_dirs.insert(dir.to_path_buf());
     }
     if is_profile(r) {
         // Replaced whole, as the store does (made durable by the syncfs after the replay).
@@ -620,7 +619,6 @@ pub(crate) fn recover(
             keep_aside.insert(s.path.clone());
         }
     }
-    let mut created_dirs = HashSet::new();
     let mut users = HashSet::new();
     for (log, line, r) in live_records(&scans) {
         report.records += 1;
@@ -628,7 +626,7 @@ pub(crate) fn recover(
         match needed(&path, r)? {
             Needed::Present => {}
             Needed::Write => {
-                write_record(&path, r, &mut created_dirs)?;
+                write_record(&path, r)?;
                 report.missing += 1;
                 users.insert(r.user.clone());
             }
