@@ -362,10 +362,6 @@ pub(crate) struct ShardConfig {
     pub wal: Option<Wal>,
 }
 
-/// A commit log generation this large is checkpointed (a new one started, the old one's user
-/// files synced, its file recycled or deleted): bounds the log's disk use and the replay at start.
-const CHECKPOINT_BYTES: u64 = 32 << 20;
-
 /// A non-empty log generation this old is checkpointed at the next tick, so an idle store's user
 /// files are complete on disk soon after the last write.
 #[cfg(not(test))]
@@ -603,15 +599,24 @@ impl Shard {
     }
 
     /// After a commit, or on a tick: checkpoints a log generation that is large, or old and
-    /// not empty.
+    /// not empty; a busy shard whose generation grows its file moves to a written-ahead one as
+    /// soon as the checkpoint thread has it ready.
     fn maybe_checkpoint(&mut self, tick: bool) {
-        let Some(wal) = &self.wal else { return };
+        let Some(wal) = &mut self.wal else { return };
         #[cfg(test)]
         if fault::checkpoints_held(&self.cfg.data_dir) {
             return;
         }
-        let due =
-            wal.len() >= CHECKPOINT_BYTES || (tick && wal.len() > 0 && wal.age() >= CHECKPOINT_AGE);
+        let busy = wal.growing() && wal.len() >= wal::PREALLOC_AFTER;
+        if busy && !wal.spare_asked && !wal.spare_ready() {
+            wal.spare_asked = true;
+            if let Some(c) = &self.checkpointer {
+                c.ask_spare();
+            }
+        }
+        let due = wal.len() >= wal::GENERATION_BYTES
+            || (busy && wal.spare_ready())
+            || (tick && wal.len() > 0 && wal.age() >= CHECKPOINT_AGE);
         if due && let Err(e) = self.rotate_log() {
             tracing::error!(error = %e, "could not start a new commit log generation; the current one keeps growing");
         }

@@ -8,9 +8,15 @@
 //! user file back into that file, syncs, and deletes the logs.
 //!
 //! Files: `<data_dir>/wal/shard-<n>.<generation>.log`, lines in the store's line format (Base64 of
-//! a `bimip.store.v1.LogRecord` and its CRC-32C). A generation's records end at the end of the file
-//! or at the first record of another generation (a reused file's older bytes); only the line just
-//! before that end can be torn (a commit is answered after its fdatasync).
+//! a `bimip.store.v1.LogRecord` and its CRC-32C). A generation's records end at the end of the file,
+//! at the first record of another generation (a reused file's older bytes) or at the first zero
+//! byte (space written ahead and not used yet); only the line just before that end can be torn (a
+//! commit is answered after its fdatasync).
+//!
+//! A busy shard's logs are written ahead: the checkpoint thread gives each spare
+//! [`PREALLOC_BYTES`] of zeros, so a generation overwrites blocks its file already has and each
+//! commit's fdatasync is one data write, without the journal commit a growing file needs (about
+//! 40% less CPU and time per fdatasync on the disks measured, see docs/BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -62,6 +68,24 @@ fn spare_name(shard: usize) -> String {
     format!("shard-{shard}.spare")
 }
 
+/// A commit log generation this large is checkpointed (a new one started, the old one's user
+/// files synced, its file recycled or deleted): bounds the log's disk use and the replay at start.
+pub(crate) const GENERATION_BYTES: u64 = 32 << 20;
+
+/// What a spare is written ahead to: a full generation plus room for the commit that crosses the
+/// limit.
+#[cfg(not(test))]
+const PREALLOC_BYTES: u64 = GENERATION_BYTES + (1 << 20);
+#[cfg(test)]
+const PREALLOC_BYTES: u64 = 256 << 10;
+
+/// A generation that grew its file past this is a busy shard's: its spare is written ahead (an
+/// idle store, or a test's, never writes 32 MB of zeros).
+#[cfg(not(test))]
+pub(crate) const PREALLOC_AFTER: u64 = 1 << 20;
+#[cfg(test)]
+pub(crate) const PREALLOC_AFTER: u64 = 16 << 10;
+
 /// The log one shard appends to.
 pub(crate) struct Wal {
     dir: PathBuf,
@@ -70,6 +94,11 @@ pub(crate) struct Wal {
     log: Arc<OpenLog>,
     /// Where the next record goes: a recycled file is longer than what this generation wrote.
     len: u64,
+    /// The file's length when this generation started: writes below it overwrite blocks the
+    /// file has, writes beyond it grow the file.
+    allocated: u64,
+    /// A written-ahead spare was asked of the checkpoint thread for this generation.
+    pub spare_asked: bool,
     opened: Instant,
     spare: Spare,
     /// A write or fdatasync of this generation failed: its state is unknown, the next commit
@@ -89,6 +118,8 @@ impl Wal {
             generation,
             log: Arc::new(log),
             len: 0,
+            allocated: 0,
+            spare_asked: false,
             opened: Instant::now(),
             spare: Arc::new(std::sync::Mutex::new(None)),
             broken: false,
@@ -98,6 +129,20 @@ impl Wal {
     /// Bytes in the current generation.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// This generation writes beyond the end its file had (each fdatasync also commits the
+    /// file's new length to the file system's journal).
+    pub fn growing(&self) -> bool {
+        self.len > self.allocated
+    }
+
+    /// A recycled file waits in the spare slot.
+    pub fn spare_ready(&self) -> bool {
+        self.spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The current generation's number (every record carries it).
@@ -142,27 +187,34 @@ impl Wal {
     pub fn rotate(&mut self) -> Result<Arc<OpenLog>, StoreError> {
         let generation = self.generation + 1;
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (log, generation) = match spare {
+        let (log, generation, allocated) = match spare {
             Some(spare) => {
                 let path = self.dir.join(log_name(self.shard, generation));
                 let reused = fs::rename(&spare, &path)
-                    .and_then(|()| OpenOptions::new().write(true).open(&path));
+                    .and_then(|()| OpenOptions::new().write(true).open(&path))
+                    .and_then(|file| Ok((file.metadata()?.len(), file)));
                 match reused {
-                    Ok(file) => {
+                    Ok((allocated, file)) => {
                         sync_dir(&self.dir)?;
-                        (OpenLog { file, path }, generation)
+                        (OpenLog { file, path }, generation, allocated)
                     }
                     Err(e) => {
                         tracing::warn!(file = %spare.display(), error = %e, "could not reuse a recycled commit log; creating a new one");
-                        create_log(&self.dir, self.shard, generation)?
+                        let (log, generation) = create_log(&self.dir, self.shard, generation)?;
+                        (log, generation, 0)
                     }
                 }
             }
-            None => create_log(&self.dir, self.shard, generation)?,
+            None => {
+                let (log, generation) = create_log(&self.dir, self.shard, generation)?;
+                (log, generation, 0)
+            }
         };
         let old = std::mem::replace(&mut self.log, Arc::new(log));
         self.generation = generation;
         self.len = 0;
+        self.allocated = allocated;
+        self.spare_asked = false;
         self.opened = Instant::now();
         self.broken = false;
         Ok(old)
@@ -245,12 +297,19 @@ pub(crate) fn encode_reset(generation: u64, user: &str) -> Vec<u8> {
 /// Runs checkpoints for one shard: one `syncfs` makes every user-file write of the handed-over
 /// generations durable, then those logs are recycled (one, as the shard's spare) or deleted. A
 /// failed `syncfs` keeps the logs and is retried; logs left at a crash are replayed at the next
-/// start.
+/// start. It also writes spares ahead for a busy shard (see [`PREALLOC_BYTES`]).
 pub(crate) struct Checkpointer {
-    tx: Option<std::sync::mpsc::Sender<Arc<OpenLog>>>,
+    tx: Option<std::sync::mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     spare: Spare,
     shard: usize,
+}
+
+/// What the checkpoint thread is asked to do.
+enum Job {
+    Checkpoint(Arc<OpenLog>),
+    /// Have a written-ahead spare ready (a busy shard's generation is growing its file).
+    Spare,
 }
 
 /// How long a failed checkpoint waits before it tries again.
@@ -258,7 +317,7 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 impl Checkpointer {
     pub fn start(data_dir: PathBuf, shard: usize, spare: Spare) -> Checkpointer {
-        let (tx, rx) = std::sync::mpsc::channel::<Arc<OpenLog>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let slot = spare.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bimip-store-checkpoint-{shard}"))
@@ -277,13 +336,20 @@ impl Checkpointer {
                             }
                         }
                     };
-                    match next {
-                        Some(l) => pending.push(l),
-                        None if pending.is_empty() => return,
-                        None => {}
+                    if next.is_none() && pending.is_empty() {
+                        return;
                     }
-                    pending.extend(rx.try_iter());
+                    let mut spare_asked = false;
+                    for job in next.into_iter().chain(rx.try_iter()) {
+                        match job {
+                            Job::Checkpoint(l) => pending.push(l),
+                            Job::Spare => spare_asked = true,
+                        }
+                    }
                     checkpoint(&data_dir, shard, &slot, &mut pending, true);
+                    if spare_asked {
+                        prepare_spare(&data_dir, shard, &slot);
+                    }
                 }
             })
             .ok();
@@ -298,20 +364,31 @@ impl Checkpointer {
     /// Hands over a finished generation; without a thread, checkpoints here.
     pub fn submit(&self, data_dir: &Path, log: Arc<OpenLog>) {
         let log = match &self.tx {
-            Some(tx) => match tx.send(log) {
+            Some(tx) => match tx.send(Job::Checkpoint(log)) {
                 Ok(()) => return,
-                Err(e) => e.0,
+                Err(e) => match e.0 {
+                    Job::Checkpoint(l) => l,
+                    Job::Spare => return,
+                },
             },
             None => log,
         };
         checkpoint(data_dir, self.shard, &self.spare, &mut vec![log], true);
     }
 
+    /// Asks for a written-ahead spare (nothing without a thread: the shard must not wait for
+    /// 32 MB of writes).
+    pub fn ask_spare(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::Spare);
+        }
+    }
+
     /// Hands over the last generation at shutdown and waits for every checkpoint (or its
     /// failure): nothing is recycled, a cleanly stopped store leaves no log behind.
     pub fn finish(&mut self, last: Arc<OpenLog>) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(last);
+            let _ = tx.send(Job::Checkpoint(last));
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -322,7 +399,6 @@ impl Checkpointer {
         }
     }
 }
-
 /// One checkpoint: `syncfs`, then the logs are recycled (the first, if the shard has no spare)
 /// or deleted, in order, and that made durable. A failure keeps the log it failed on and every
 /// later one for the next try: a newer log must never outlive an older one of the same shard
@@ -344,17 +420,20 @@ fn checkpoint(
     let dir = wal_dir(data_dir);
     let mut done = 0;
     for log in logs.iter() {
-        let mut slot = spare.lock().unwrap_or_else(|p| p.into_inner());
-        let r = if recycle && slot.is_none() {
+        // Only this thread fills the slot: a free slot stays free until it is filled below.
+        let free = recycle && spare.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        let r = if free {
             let to = dir.join(spare_name(shard));
-            fs::rename(&log.path, &to).map(|()| *slot = Some(to))
+            fs::rename(&log.path, &to).map(|()| {
+                write_ahead(&to);
+                *spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+            })
         } else {
             match fs::remove_file(&log.path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 r => r,
             }
         };
-        drop(slot);
         if let Err(e) = r {
             tracing::error!(file = %log.path.display(), error = %e, "store checkpoint: could not remove a checkpointed commit log; retried");
             break;
@@ -364,6 +443,58 @@ fn checkpoint(
     logs.drain(..done);
     if let Err(e) = sync_dir(&dir) {
         tracing::error!(error = %e, "store checkpoint: fsync of the wal folder failed");
+    }
+}
+
+/// A recycled busy generation's file is filled up to [`PREALLOC_BYTES`] with zeros and synced,
+/// before the shard can take it. On failure the file stays as it is (still a usable spare: the
+/// generation using it grows the file as a new one would).
+fn write_ahead(path: &Path) {
+    let filled = OpenOptions::new().write(true).open(path).and_then(|f| {
+        let len = f.metadata()?.len();
+        if !(PREALLOC_AFTER..PREALLOC_BYTES).contains(&len) {
+            return Ok(());
+        }
+        fill_zeros(&f, len, PREALLOC_BYTES)?;
+        f.sync_data()
+    });
+    if let Err(e) = filled {
+        tracing::warn!(file = %path.display(), error = %e, "could not write a commit log spare ahead; the next generation grows its file");
+    }
+}
+
+fn fill_zeros(f: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// A busy shard whose generation grows its file gets a new spare written ahead, unless one is
+/// already waiting (the shard moves to it at its next commit).
+fn prepare_spare(data_dir: &Path, shard: usize, spare: &Spare) {
+    if spare.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+        return;
+    }
+    let dir = wal_dir(data_dir);
+    let path = dir.join(spare_name(shard));
+    let made = File::create(&path)
+        .and_then(|f| {
+            fill_zeros(&f, 0, PREALLOC_BYTES)?;
+            f.sync_data()
+        })
+        .map_err(|e| io_err(&path, e))
+        .and_then(|()| sync_dir(&dir));
+    match made {
+        Ok(()) => *spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(path),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write a commit log spare ahead; the current generation keeps growing its file");
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 
@@ -420,6 +551,11 @@ fn scan_log(path: PathBuf, generation: u64, data: &[u8]) -> LogScan {
         records: Vec::new(),
         bad: Vec::new(),
         torn: None,
+    };
+    // Space written ahead and not used yet is zeros, which no line holds.
+    let data = match data.iter().position(|&b| b == 0) {
+        Some(end) => &data[..end],
+        None => data,
     };
     let mut last_bad: Option<(u64, LineError)> = None;
     for line in record::split_lines(data) {
@@ -866,6 +1002,30 @@ mod tests {
         assert_eq!(s.records.len(), 1);
         assert!(s.bad.is_empty());
         assert!(s.torn.is_none());
+    }
+
+    #[test]
+    fn space_written_ahead_ends_the_records() {
+        // Two records, then the zeros of a file written ahead; a write cut short over them
+        // leaves a torn line, never a bad one.
+        let mut data = rec("a", LogFile::Queue, 0, b"x\n");
+        data.extend(rec("a", LogFile::Queue, 2, b"y\n"));
+        data.extend(vec![0u8; 4096]);
+        let s = scan_log(PathBuf::from("l"), 1, &data);
+        assert_eq!(s.records.len(), 2);
+        assert!(
+            s.bad.is_empty() && s.torn.is_none(),
+            "{:?} {:?}",
+            s.bad,
+            s.torn
+        );
+        let next = rec("a", LogFile::Queue, 4, b"z\n");
+        let at = data.len() - 4096;
+        data[at..at + next.len() / 2].copy_from_slice(&next[..next.len() / 2]);
+        let s = scan_log(PathBuf::from("l"), 1, &data);
+        assert_eq!(s.records.len(), 2);
+        assert!(s.bad.is_empty());
+        assert_eq!(s.torn.as_ref().map(|t| t.0), Some(3));
     }
 
     #[test]
