@@ -55,8 +55,19 @@ async fn file_layout_and_line_format_are_the_seeds() {
     ack(&mut bob, r).await;
 
     let qf = queue_file(&s.dir, "bob");
-    let text = std::fs::read_to_string(&qf).unwrap_or_else(|e| panic!("{}: {e}", qf.display()));
-    assert!(text.ends_with('\n'));
+    // The lines reach the user's files behind the commit log, within about a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&qf).unwrap_or_default();
+        let written = text.lines().count() >= 2
+            && index_file(&s.dir, "bob").exists()
+            && queue_file(&s.dir, "alice").exists();
+        if written || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.ends_with('\n'), "{}: {text:?}", qf.display());
     let lines: Vec<&str> = text.lines().collect();
     let first = QueueRecord::decode(decode_line(lines[0]).as_slice()).unwrap();
     assert_eq!(first.offset, a.offset);

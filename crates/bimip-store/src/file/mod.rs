@@ -3,6 +3,7 @@
 //! ([`shard`]) that group-commit, and start-up recovery ([`recovery`]). Next to the users, the
 //! push store (`push`): one in-memory state with its own writer, snapshots and logs.
 
+mod behind;
 mod check;
 #[cfg(test)]
 mod compaction_tests;
@@ -589,6 +590,18 @@ impl QueueStore for FileStore {
 }
 
 impl FileStore {
+    /// Tests: every shard commits what it has and writes every logged line to its user file
+    /// (what a test then reads from the files is what the store wrote).
+    #[cfg(test)]
+    pub(crate) async fn write_behind(&self) {
+        for shard in &self.inner.shards {
+            let (reply, rx) = oneshot::channel();
+            if shard.send(Cmd::Barrier { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
     /// Tests: the push writer stops as in a crash (see `PushFiles::crash`), the shards stop.
     #[cfg(test)]
     pub(crate) async fn crash_push(&self) {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use tokio::sync::{mpsc, oneshot};
 
+use super::behind::{self, Behind};
 use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path};
 use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
@@ -423,7 +424,18 @@ pub(crate) struct Shard {
     wal: Option<Wal>,
     /// Syncs the user files of finished log generations, then recycles or deletes their files.
     checkpointer: Option<Checkpointer>,
+    /// With the commit log: logged lines not yet written to their user files (see [`behind`]).
+    behind: Behind<FileKey>,
+    /// Files whose waiting lines reached [`behind::MAX_WAITING`] in this batch.
+    behind_full: Vec<FileKey>,
+    /// Finished log generations waiting for their lines to reach the user files before they
+    /// are checkpointed: `(generation, log)`, oldest first.
+    closed: VecDeque<(u64, Arc<OpenLog>)>,
 }
+
+/// How long a batch spends at most writing waiting lines that are merely old (lines a
+/// checkpoint waits for are written whatever it takes).
+const BEHIND_BUDGET: Duration = Duration::from_millis(2);
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
 /// only writer), so a commit needs no `fstat` to know where a rollback would cut back to.
@@ -442,10 +454,6 @@ enum FileKind {
 }
 
 type FileKey = (String, FileKind);
-
-/// Where [`Shard::write_user`] puts a logged commit's records, and each written file's length
-/// before the write (to cut it back to if the log write fails).
-type LogSink<'a> = (u64, &'a mut Vec<u8>, &'a mut Vec<(FileKey, u64)>);
 
 fn file_key(user: &str, kind: FileKind) -> FileKey {
     (user.to_string(), kind)
@@ -476,6 +484,9 @@ impl Shard {
         Shard {
             wal,
             checkpointer,
+            behind: Behind::new(),
+            behind_full: Vec::new(),
+            closed: VecDeque::new(),
             users: LruCache::unbounded(),
             files: LruCache::new(cap),
             dirty: HashMap::new(),
@@ -533,6 +544,7 @@ impl Shard {
             }
             let handled = started.elapsed();
             self.commit();
+            self.flush_behind();
             let committed = started.elapsed();
             if stop.is_none() {
                 self.maintain(tick);
@@ -583,6 +595,7 @@ impl Shard {
         if let Some(s) = &mut self.syncer {
             s.finish();
         }
+        self.write_all_behind();
         if let (Some(wal), Some(c)) = (&self.wal, &mut self.checkpointer) {
             c.finish(wal.current());
         }
@@ -590,12 +603,134 @@ impl Shard {
 
     /// Starts the next log generation and hands the current one to the checkpoint thread.
     fn rotate_log(&mut self) -> Result<(), StoreError> {
-        let (Some(wal), Some(c)) = (&mut self.wal, &self.checkpointer) else {
+        let Some(wal) = &mut self.wal else {
             return Ok(());
         };
+        let generation = wal.generation();
         let old = wal.rotate()?;
-        c.submit(&self.cfg.data_dir, old);
+        self.closed.push_back((generation, old));
+        self.hand_over_closed();
         Ok(())
+    }
+
+    /// Hands finished generations to the checkpoint thread once none of their lines is still
+    /// waiting for its user file (the checkpoint's `syncfs` must find them written).
+    fn hand_over_closed(&mut self) {
+        let waiting = self.behind.oldest_generation();
+        while let Some((g, _)) = self.closed.front() {
+            if waiting.is_some_and(|w| w <= *g) {
+                return;
+            }
+            let Some((_, log)) = self.closed.pop_front() else {
+                return;
+            };
+            if let Some(c) = &self.checkpointer {
+                c.submit(&self.cfg.data_dir, log);
+            }
+        }
+    }
+
+    /// After a commit and on ticks: writes to their user files the lines that waited
+    /// [`behind::AGE`] (within [`BEHIND_BUDGET`]), those of files with much waiting, and, once
+    /// a second finished generation waits, every line of the older ones; then hands over the
+    /// generations whose lines are all written.
+    fn flush_behind(&mut self) {
+        for key in std::mem::take(&mut self.behind_full) {
+            if let Some(w) = self.behind.take(&key) {
+                let _ = self.write_waiting(key, w);
+            }
+        }
+        if self.behind.is_empty() && self.closed.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let aged = started.checked_sub(behind::AGE);
+        // One finished generation may wait for the aged writes; more would let the log grow.
+        let must = match self.closed.len() {
+            0 | 1 => 0,
+            n => self.closed[n - 2].0,
+        };
+        let mut n = 0u32;
+        let mut in_budget = true;
+        loop {
+            n += 1;
+            if in_budget && n.is_multiple_of(16) && started.elapsed() >= BEHIND_BUDGET {
+                in_budget = false;
+            }
+            let before = if in_budget { aged } else { None };
+            let Some((key, w)) = self.behind.take_oldest(before, must) else {
+                break;
+            };
+            // A failing file is retried at a later batch, not over and over in this one.
+            if self.write_waiting(key, w).is_err() {
+                break;
+            }
+        }
+        self.hand_over_closed();
+    }
+
+    /// Writes every waiting line to its file and hands over the finished generations (at
+    /// shutdown, and at a barrier). A failure keeps the log: the next start writes them back.
+    fn write_all_behind(&mut self) {
+        for key in self.behind.keys() {
+            if let Some(w) = self.behind.take(&key) {
+                let _ = self.write_waiting(key, w);
+            }
+        }
+        self.hand_over_closed();
+    }
+
+    /// Writes the lines waiting for one user file (creating its folder and file for a new
+    /// user). On failure the file is cut back and the lines wait again (the log still has
+    /// them).
+    fn write_waiting(&mut self, key: FileKey, w: behind::Waiting) -> Result<(), StoreError> {
+        let mut f = match self.take_file(&key) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(user = key.0, error = %e, "could not open a user file to write logged lines to; retried");
+                self.behind.put_back(key, w);
+                return Err(e);
+            }
+        };
+        if f.len != w.base {
+            tracing::error!(file = %f.path.display(), len = f.len, expected = w.base, "a user file's length is not where its logged lines go");
+        }
+        match write_checked(&mut f.file, &f.path, &w.bytes) {
+            Ok(()) => {
+                f.len += w.bytes.len() as u64;
+                self.put_file(key, f);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(file = %f.path.display(), error = %e, "could not write logged lines to a user file; retried (the commit log keeps them)");
+                if let Err(te) = f.file.set_len(f.len) {
+                    tracing::error!(file = %f.path.display(), error = %te, "could not cut back a failed write");
+                }
+                self.behind.put_back(key, w);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a user's waiting lines to its files (before they are read or the user's state
+    /// is dropped).
+    fn flush_user(&mut self, user: &str) -> Result<(), StoreError> {
+        for kind in [FileKind::Queue, FileKind::Index] {
+            let key = file_key(user, kind);
+            if let Some(w) = self.behind.take(&key) {
+                self.write_waiting(key, w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a user's state (reloaded from its files on next use), after writing its waiting
+    /// lines to them.
+    fn forget_user(&mut self, user: &str) {
+        if let Err(e) = self.flush_user(user) {
+            tracing::error!(user, error = %e, "could not write a user's logged lines before reloading it; the next start writes them back");
+        }
+        self.users.pop(user);
     }
 
     /// After a commit, or on a tick: checkpoints a log generation that is large, or old and
@@ -647,7 +782,7 @@ impl Shard {
             wal.broken = true;
         }
         for user in failed {
-            self.users.pop(&user);
+            self.forget_user(&user);
         }
     }
 
@@ -784,11 +919,14 @@ impl Shard {
             }
             Cmd::Tick => {
                 self.flush_lazy(LAZY_PER_TICK);
+                self.flush_behind();
                 self.maybe_checkpoint(true);
                 false
             }
             Cmd::Wake => false,
             Cmd::Barrier { reply } => {
+                self.commit();
+                self.write_all_behind();
                 let _ = reply.send(());
                 false
             }
@@ -924,6 +1062,7 @@ impl Shard {
         f: impl FnOnce(&UserQueue, super::queue::ReadAt<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.make_durable(user);
+        self.flush_user(user)?;
         user_state(&mut self.users, &self.cfg.data_dir, user)?;
         let key = file_key(user, FileKind::Queue);
         let file = if self.files.contains(&key) || queue_path(&self.cfg.data_dir, user).exists() {
@@ -992,16 +1131,14 @@ impl Shard {
         self.files.push(key, f);
     }
 
-    /// Writes and fsyncs one user's new lines; on failure rolls both files back. With `log`,
-    /// nothing is synced: the written lines' commit-log records are appended to it and where
-    /// each file was cut back to on a later failure to `written`.
+    /// Writes and fsyncs one user's new lines (without the commit log); on failure rolls both
+    /// files back.
     fn write_user(
         &mut self,
         user: &str,
         lines: &Lines,
         fsync_time: &mut Duration,
         sync: bool,
-        log: Option<LogSink<'_>>,
     ) -> Result<bool, StoreError> {
         let mut open: Vec<(FileKey, OpenFile, u64)> = Vec::with_capacity(2);
         let targets = [
@@ -1030,17 +1167,7 @@ impl Shard {
                 break;
             }
         }
-        if let (Ok(_), Some((generation, buf, written))) = (&result, log) {
-            for (key, _, before) in &open {
-                let (file, data) = match key.1 {
-                    FileKind::Queue => (LogFile::Queue, &lines.queue),
-                    FileKind::Index => (LogFile::Index, &lines.index),
-                };
-                wal::encode_write(buf, generation, user, file, *before, data);
-                written.push((key.clone(), *before));
-            }
-            result = Ok(false);
-        } else if result.is_ok() && self.cfg.mode != FsyncMode::Never && !sync {
+        if result.is_ok() && self.cfg.mode != FsyncMode::Never && !sync {
             // The caller syncs the whole batch at once (see `commit`).
             result = Ok(false);
         } else if result.is_ok() && self.cfg.mode != FsyncMode::Never {
@@ -1085,15 +1212,65 @@ impl Shard {
     /// its state, which has the rolled-back lines, is reloaded from disk next time.
     fn fail_user(&mut self, user: &str, replies: Vec<Deferred>, e: &StoreError) {
         tracing::error!(user, error = %e, "store write failed; the user's batch is rolled back");
-        self.users.pop(user);
+        self.forget_user(user);
         for r in replies {
             r.send_err(copy_err(e));
         }
     }
 
-    /// A commit through the log: every user's lines are written to their files, their records
-    /// appended to the log in one write and the log synced once (on the sync thread with
-    /// `fsync = batch`, here with `always`); then the writes are answered.
+    /// A logged commit's lines of one user: their records go to `buf`, the lines wait for
+    /// their files (see [`behind`]), and where each file's lines start goes to `written` (to cut
+    /// them off if the log write fails).
+    fn log_user(
+        &mut self,
+        user: &str,
+        lines: &Lines,
+        generation: u64,
+        buf: &mut Vec<u8>,
+        written: &mut Vec<(FileKey, u64)>,
+    ) -> Result<(), StoreError> {
+        for (kind, data) in [
+            (FileKind::Queue, &lines.queue),
+            (FileKind::Index, &lines.index),
+        ] {
+            if data.is_empty() {
+                continue;
+            }
+            let key = file_key(user, kind);
+            let at = match self.behind.end(&key) {
+                Some(end) => end,
+                None => self.file_len(&key)?,
+            };
+            let file = match kind {
+                FileKind::Queue => LogFile::Queue,
+                FileKind::Index => LogFile::Index,
+            };
+            wal::encode_write(buf, generation, user, file, at, data);
+            if self.behind.push(&key, at, generation, data) {
+                self.behind_full.push(key.clone());
+            }
+            written.push((key, at));
+        }
+        Ok(())
+    }
+
+    /// A user file's length on disk (0 for a file not created yet).
+    fn file_len(&self, key: &FileKey) -> Result<u64, StoreError> {
+        if let Some(f) = self.files.peek(key) {
+            return Ok(f.len);
+        }
+        let path = self.path_of(key);
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
+    /// A commit through the log: every user's lines become records appended to the log in one
+    /// write, and the log is synced once (on the sync thread with `fsync = batch`, here with
+    /// `always`); then the writes are answered. The lines reach the users' files later (see
+    /// [`behind`] and [`Self::flush_behind`]).
     fn commit_logged(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         let generation = match self.log_ready() {
@@ -1111,15 +1288,13 @@ impl Shard {
         let mut buf = Vec::new();
         let mut written = Vec::new();
         let mut waiting: Waiting = Vec::new();
-        let mut unused = Duration::ZERO;
         for (user, d) in dirty {
             if d.lines.is_empty() {
                 d.replies.into_iter().for_each(Deferred::send_ok);
                 continue;
             }
-            let log = Some((generation, &mut buf, &mut written));
-            match self.write_user(&user, &d.lines, &mut unused, false, log) {
-                Ok(_) => waiting.push((user, d.replies, d.appends)),
+            match self.log_user(&user, &d.lines, generation, &mut buf, &mut written) {
+                Ok(()) => waiting.push((user, d.replies, d.appends)),
                 Err(e) => self.fail_user(&user, d.replies, &e),
             }
         }
@@ -1131,15 +1306,10 @@ impl Shard {
             Err(e) => {
                 tracing::error!(error = %e, "store commit log write failed; the batch is rolled back and answered with an error");
                 // Lines not in the log must not stay in front of later, logged ones.
-                for (key, before) in written {
-                    if let Ok(mut f) = self.take_file(&key) {
-                        if let Err(te) = f.file.set_len(before) {
-                            tracing::error!(file = %f.path.display(), error = %te, "could not roll back a failed write");
-                        }
-                        f.len = before;
-                        self.put_file(key, f);
-                    }
+                for (key, at) in written {
+                    self.behind.cut(&key, at);
                 }
+                self.behind_full.clear();
                 self.fail_waiting(waiting, &e);
                 return;
             }
@@ -1186,7 +1356,7 @@ impl Shard {
     /// state is reloaded from disk on next use.
     fn fail_waiting(&mut self, waiting: Waiting, e: &StoreError) {
         for (user, replies, _) in waiting {
-            self.users.pop(&user);
+            self.forget_user(&user);
             replies.into_iter().for_each(|r| r.send_err(copy_err(e)));
         }
     }
@@ -1303,7 +1473,7 @@ impl Shard {
                 d.replies.into_iter().for_each(Deferred::send_ok);
                 continue;
             }
-            match self.write_user(&user, &d.lines, &mut fsync_time, !one_sync, None) {
+            match self.write_user(&user, &d.lines, &mut fsync_time, !one_sync) {
                 Ok(_) if one_sync => waiting.push((user, d.replies, d.appends)),
                 Ok(synced) => {
                     synced_any |= synced;
@@ -1335,7 +1505,7 @@ impl Shard {
                     // client's resend is then recognised as a duplicate) and reload the users.
                     tracing::error!(error = %e, "store syncfs failed; the batch is answered with an error");
                     for (user, replies, _) in waiting {
-                        self.users.pop(&user);
+                        self.forget_user(&user);
                         for r in replies {
                             r.send_err(io_err(
                                 &self.cfg.data_dir,
@@ -1477,7 +1647,7 @@ impl Shard {
             Err(e) => {
                 tracing::error!(user, error = %e, "compaction failed; the files are unchanged");
                 // Memory may no longer match one of the files: reload from disk next time.
-                self.users.pop(user);
+                self.forget_user(user);
                 if let Ok(mut q) = load_user(&self.cfg.data_dir, user) {
                     q.block_compaction(now + COMPACT_RETRY_MS);
                     self.users.put(user.to_string(), q);
@@ -1490,7 +1660,11 @@ impl Shard {
     fn trim(&mut self) {
         let cap = self.cfg.cache_users.max(1);
         while self.users.len() > cap {
-            self.users.pop_lru();
+            if let Some((user, _)) = self.users.pop_lru()
+                && let Err(e) = self.flush_user(&user)
+            {
+                tracing::error!(user, error = %e, "could not write a user's logged lines; the next start writes them back");
+            }
         }
         while self.profiles.len() > cap {
             if let Some((user, p)) = self.profiles.pop_lru()

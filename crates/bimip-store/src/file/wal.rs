@@ -804,7 +804,7 @@ pub(crate) fn recover(
             records = report.records,
             written = report.missing,
             users = report.users,
-            "commit log: wrote back records the user files were missing (the machine stopped before a checkpoint)"
+            "commit log: wrote back records the user files were missing (the server or the machine stopped without a graceful stop)"
         );
     }
     Ok(report)
@@ -827,16 +827,16 @@ pub(crate) fn check(
         for (path, line, reason) in repaired {
             report.found(&path, line, reason, true);
         }
+        // Writing the log back is what every start does, not a repair of damage: a note.
         if r.missing > 0 {
-            report.found(
-                &wal_dir(data_dir),
-                0,
-                format!(
-                    "wrote {} commit-log records of {} users back into their files",
+            report.notes.push(super::Problem {
+                path: wal_dir(data_dir),
+                line: 0,
+                reason: format!(
+                    "wrote {} commit-log records of {} users back into their files (as a start does)",
                     r.missing, r.users
                 ),
-                true,
-            );
+            });
         }
         return Ok(());
     }

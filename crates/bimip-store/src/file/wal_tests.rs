@@ -212,7 +212,11 @@ async fn the_log_restores_what_the_user_files_lost_in_a_machine_crash() {
     lose_write_back(image2.path());
     let report = check_data_dir(image2.path(), true).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert!(!report.repaired.is_empty());
+    assert!(
+        report.notes.iter().any(|n| n.reason.contains("wrote")),
+        "{:?}",
+        report.notes
+    );
     let (s3, report) = FileStore::open(StoreConfig::new(image2.path())).unwrap();
     assert_eq!(report.log.records, 0);
     assert_eq!(everything(&s3).await, want);
@@ -246,6 +250,7 @@ async fn records_from_before_a_compaction_are_not_replayed_onto_the_compacted_fi
         send(&s, "alice", "bob", &format!("m{i}")).await;
     }
     let want = conversation(&s, "bob", "alice").await;
+    s.write_behind().await;
 
     let image = TempDir::new().unwrap();
     crash_image(live.path(), image.path());
@@ -318,6 +323,7 @@ async fn checkpointed_generations_are_recycled_and_their_old_bytes_never_replaye
     send(&s, "alice", "bob", "m3").await;
     let want = conversation(&s, "bob", "alice").await;
     assert_eq!(want.len(), 3);
+    s.write_behind().await;
 
     let image = TempDir::new().unwrap();
     crash_image(d, image.path());
@@ -375,6 +381,7 @@ async fn a_failed_log_write_fails_its_batch_only_and_the_log_starts_a_new_genera
     })
     .unwrap();
     send(&s, "alice", "bob", "m1").await;
+    s.write_behind().await;
     let len = |dir: &Path, user: &str| std::fs::metadata(queue_path(dir, user)).unwrap().len();
     let after_m1 = [("bob", len(d, "bob")), ("alice", len(d, "alice"))];
     let log = d.join("wal").join("shard-0.0000000001.log");
@@ -502,4 +509,56 @@ async fn a_busy_shard_moves_to_a_log_written_ahead_whose_zeros_are_not_records()
     s2.shutdown().await;
     s.shutdown().await;
     assert!(logs(d).is_empty(), "{:?}", logs(d));
+}
+
+#[tokio::test]
+async fn a_user_file_that_cannot_be_written_keeps_its_lines_waiting_and_logged() {
+    let live = TempDir::new().unwrap();
+    let d = live.path();
+    fault::hold_checkpoints(d);
+    let (s, _) = FileStore::open(StoreConfig {
+        shards: 1,
+        ..StoreConfig::new(d)
+    })
+    .unwrap();
+    send(&s, "alice", "bob", "m1").await;
+    s.write_behind().await;
+    let qp = queue_path(d, "bob");
+    let before = std::fs::read(&qp).unwrap();
+    // The disk fills up: bob's file takes 7 bytes of the next write, then fails.
+    fault::fail_writes(&qp, 7, std::io::ErrorKind::StorageFull);
+    // The commit is the log's: m2 is stored and acknowledged.
+    assert_eq!(send(&s, "alice", "bob", "m2").await.offset, 2);
+    s.write_behind().await;
+    assert_eq!(std::fs::read(&qp).unwrap(), before, "nothing half-written");
+    // A read needs the lines in the file: it reports the error and changes nothing.
+    let r = s
+        .read(
+            "bob",
+            crate::ReadRequest {
+                device: "reader".into(),
+                partition: Partition::Chat,
+                peer: Some("alice".into()),
+                start: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Io { .. })), "{r:?}");
+    // A crash now: the log has m2.
+    let image = TempDir::new().unwrap();
+    crash_image(d, image.path());
+    let (s2, report) = FileStore::open(StoreConfig::new(image.path())).unwrap();
+    assert!(report.log.missing >= 1, "{:?}", report.log);
+    let ids = |c: Vec<(u64, String, bool)>| c.into_iter().map(|x| x.1).collect::<Vec<_>>();
+    assert_eq!(ids(conversation(&s2, "bob", "alice").await), ["m1", "m2"]);
+    s2.shutdown().await;
+    // Room again: the waiting lines land and reads work.
+    fault::clear(&qp);
+    assert_eq!(ids(conversation(&s, "bob", "alice").await), ["m1", "m2"]);
+    s.shutdown().await;
+    let (s3, report) = FileStore::open(StoreConfig::new(d)).unwrap();
+    assert_eq!(report.log.records, 0);
+    assert_eq!(ids(conversation(&s3, "bob", "alice").await), ["m1", "m2"]);
+    s3.shutdown().await;
 }
