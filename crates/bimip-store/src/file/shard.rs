@@ -544,8 +544,9 @@ impl Shard {
             }
             let handled = started.elapsed();
             self.commit();
-            self.flush_behind();
             let committed = started.elapsed();
+            self.flush_behind();
+            let written_behind = started.elapsed();
             if stop.is_none() {
                 self.maintain(tick);
             }
@@ -560,7 +561,8 @@ impl Shard {
                     took_ms = took.as_millis() as u64,
                     apply_ms = handled.as_millis() as u64,
                     commit_ms = (committed - handled).as_millis() as u64,
-                    maintain_ms = (maintained - committed).as_millis() as u64,
+                    behind_ms = (written_behind - committed).as_millis() as u64,
+                    maintain_ms = (maintained - written_behind).as_millis() as u64,
                     trim_ms = (took - maintained).as_millis() as u64,
                     "slow store batch"
                 );
