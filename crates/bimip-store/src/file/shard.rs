@@ -1110,6 +1110,11 @@ impl Shard {
                 }
             }
         }
+        // Close one first when the cache is full: handles taken out and the cache together stay
+        // within the bound, even while a write runs concurrently with the store's callers.
+        if self.files.len() >= self.files.cap().get() {
+            self.files.pop_lru();
+        }
         let file = OpenOptions::new()
             .create(true)
             .read(true)

@@ -370,18 +370,24 @@ async fn without_the_log_nothing_is_written_to_wal() {
     s.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_failed_log_write_fails_its_batch_only_and_the_log_starts_a_new_generation() {
+/// A one-shard store whose checkpoints are held, after alice's m1 to bob reached the files.
+async fn held_store_after_m1() -> (TempDir, FileStore) {
     let live = TempDir::new().unwrap();
-    let d = live.path();
-    fault::hold_checkpoints(d);
+    fault::hold_checkpoints(live.path());
     let (s, _) = FileStore::open(StoreConfig {
         shards: 1,
-        ..StoreConfig::new(d)
+        ..StoreConfig::new(live.path())
     })
     .unwrap();
     send(&s, "alice", "bob", "m1").await;
     s.write_behind().await;
+    (live, s)
+}
+
+#[tokio::test]
+async fn a_failed_log_write_fails_its_batch_only_and_the_log_starts_a_new_generation() {
+    let (live, s) = held_store_after_m1().await;
+    let d = live.path();
     let len = |dir: &Path, user: &str| std::fs::metadata(queue_path(dir, user)).unwrap().len();
     let after_m1 = [("bob", len(d, "bob")), ("alice", len(d, "alice"))];
     let log = d.join("wal").join("shard-0.0000000001.log");
@@ -513,16 +519,8 @@ async fn a_busy_shard_moves_to_a_log_written_ahead_whose_zeros_are_not_records()
 
 #[tokio::test]
 async fn a_user_file_that_cannot_be_written_keeps_its_lines_waiting_and_logged() {
-    let live = TempDir::new().unwrap();
+    let (live, s) = held_store_after_m1().await;
     let d = live.path();
-    fault::hold_checkpoints(d);
-    let (s, _) = FileStore::open(StoreConfig {
-        shards: 1,
-        ..StoreConfig::new(d)
-    })
-    .unwrap();
-    send(&s, "alice", "bob", "m1").await;
-    s.write_behind().await;
     let qp = queue_path(d, "bob");
     let before = std::fs::read(&qp).unwrap();
     // The disk fills up: bob's file takes 7 bytes of the next write, then fails.
