@@ -303,11 +303,7 @@ async fn checkpointed(dir: &Path, name: &str) {
 async fn checkpointed_generations_are_recycled_and_their_old_bytes_never_replayed() {
     let live = TempDir::new().unwrap();
     let d = live.path();
-    let (s, _) = FileStore::open(StoreConfig {
-        shards: 1,
-        ..StoreConfig::new(d)
-    })
-    .unwrap();
+    let s = one_shard(d);
     send(&s, "alice", "bob", "m1").await;
     assert_eq!(logs(d), ["shard-0.0000000001.log"]);
     checkpointed(d, "shard-0.0000000001.log").await;
@@ -370,15 +366,21 @@ async fn without_the_log_nothing_is_written_to_wal() {
     s.shutdown().await;
 }
 
+/// A store of one shard on `dir`.
+fn one_shard(dir: &Path) -> FileStore {
+    FileStore::open(StoreConfig {
+        shards: 1,
+        ..StoreConfig::new(dir)
+    })
+    .unwrap()
+    .0
+}
+
 /// A one-shard store whose checkpoints are held, after alice's m1 to bob reached the files.
 async fn held_store_after_m1() -> (TempDir, FileStore) {
     let live = TempDir::new().unwrap();
     fault::hold_checkpoints(live.path());
-    let (s, _) = FileStore::open(StoreConfig {
-        shards: 1,
-        ..StoreConfig::new(live.path())
-    })
-    .unwrap();
+    let s = one_shard(live.path());
     send(&s, "alice", "bob", "m1").await;
     s.write_behind().await;
     (live, s)
@@ -441,11 +443,7 @@ async fn a_failed_log_write_fails_its_batch_only_and_the_log_starts_a_new_genera
 async fn a_busy_shard_moves_to_a_log_written_ahead_whose_zeros_are_not_records() {
     let live = TempDir::new().unwrap();
     let d = live.path();
-    let (s, _) = FileStore::open(StoreConfig {
-        shards: 1,
-        ..StoreConfig::new(d)
-    })
-    .unwrap();
+    let s = one_shard(d);
     // Enough to grow the first generation past what makes a shard busy (16 KB in test builds):
     // the checkpoint thread writes a spare ahead (256 KB of zeros) and the shard moves to it.
     let written_ahead = |d: &Path| {
