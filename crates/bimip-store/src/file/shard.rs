@@ -79,7 +79,8 @@ pub(crate) enum Cmd {
     /// Another shard put commands into this shard's [`Inbox`].
     Wake,
     /// Answered once every command queued before it has been handled (so every copy it hands
-    /// another shard is in that shard's inbox): the first phase of a shutdown.
+    /// another shard is in that shard's inbox) and committed, and every line waiting to be
+    /// written behind the log is in its file: the first phase of a shutdown.
     Barrier {
         reply: oneshot::Sender<()>,
     },
