@@ -68,7 +68,8 @@ impl<K: std::hash::Hash + Eq + Clone> Behind<K> {
         self.files.insert(key, w);
     }
 
-    fn remove(&mut self, key: &K) -> Option<Waiting> {
+    /// Takes what waits for `key`.
+    pub fn take(&mut self, key: &K) -> Option<Waiting> {
         let w = self.files.remove(key)?;
         if let Some(n) = self.generations.get_mut(&w.generation) {
             *n -= 1;
@@ -116,15 +117,10 @@ impl<K: std::hash::Hash + Eq + Clone> Behind<K> {
         match self.files.get_mut(key) {
             Some(w) if at > w.base => w.bytes.truncate((at - w.base) as usize),
             Some(_) => {
-                self.remove(key);
+                self.take(key);
             }
             None => {}
         }
-    }
-
-    /// Takes what waits for `key`.
-    pub fn take(&mut self, key: &K) -> Option<Waiting> {
-        self.remove(key)
     }
 
     /// Takes the file that has waited longest if it started waiting before `before`, or
@@ -142,7 +138,7 @@ impl<K: std::hash::Hash + Eq + Clone> Behind<K> {
                         return None;
                     }
                     let (key, _) = self.order.pop_front()?;
-                    let w = self.remove(&key)?;
+                    let w = self.take(&key)?;
                     return Some((key, w));
                 }
                 _ => {

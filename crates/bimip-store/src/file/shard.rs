@@ -604,7 +604,8 @@ impl Shard {
         }
     }
 
-    /// Starts the next log generation and hands the current one to the checkpoint thread.
+    /// Starts the next log generation; the current one goes to the checkpoint thread once its
+    /// lines are in their files (see [`Self::hand_over_closed`]).
     fn rotate_log(&mut self) -> Result<(), StoreError> {
         let Some(wal) = &mut self.wal else {
             return Ok(());
@@ -1227,7 +1228,8 @@ impl Shard {
 
     /// A logged commit's lines of one user: their records go to `buf`, the lines wait for
     /// their files (see [`behind`]), and where each file's lines start goes to `written` (to cut
-    /// them off if the log write fails).
+    /// them off if the log write fails). All or nothing: both files' offsets are known before
+    /// anything is logged.
     fn log_user(
         &mut self,
         user: &str,
@@ -1236,6 +1238,7 @@ impl Shard {
         buf: &mut Vec<u8>,
         written: &mut Vec<(FileKey, u64)>,
     ) -> Result<(), StoreError> {
+        let mut files = Vec::with_capacity(2);
         for (kind, data) in [
             (FileKind::Queue, &lines.queue),
             (FileKind::Index, &lines.index),
@@ -1248,6 +1251,9 @@ impl Shard {
                 Some(end) => end,
                 None => self.file_len(&key)?,
             };
+            files.push((kind, key, at, data));
+        }
+        for (kind, key, at, data) in files {
             let file = match kind {
                 FileKind::Queue => LogFile::Queue,
                 FileKind::Index => LogFile::Index,

@@ -399,6 +399,7 @@ impl Checkpointer {
         }
     }
 }
+
 /// One checkpoint: `syncfs`, then the logs are recycled (the first, if the shard has no spare)
 /// or deleted, in order, and that made durable. A failure keeps the log it failed on and every
 /// later one for the next try: a newer log must never outlive an older one of the same shard
