@@ -39,6 +39,13 @@ impl Waiting {
     pub fn end(&self) -> u64 {
         self.base + self.bytes.len() as u64
     }
+
+    /// Adds the bytes that follow these in the file (`next.base` is [`Self::end`]).
+    pub fn append(&mut self, next: Waiting) {
+        debug_assert_eq!(next.base, self.end(), "waiting bytes joined out of order");
+        self.bytes.extend_from_slice(&next.bytes);
+        self.generation = self.generation.min(next.generation);
+    }
 }
 
 /// Every file's waiting bytes, oldest first.

@@ -20,6 +20,7 @@ mod tests;
 mod wal;
 #[cfg(test)]
 mod wal_tests;
+mod writer;
 
 use crate::rules::check_user;
 use std::{

@@ -21,6 +21,7 @@ use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path
 use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
 use super::wal::{self, Checkpointer, OpenLog, Wal};
+use super::writer::Writer;
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
     AckOutcome, AckRequest, Appended, Compaction, CopyTo, NewItem, PendingForDevice, Profile,
@@ -432,11 +433,17 @@ pub(crate) struct Shard {
     /// Finished log generations waiting for their lines to reach the user files before they
     /// are checkpointed: `(generation, log)`, oldest first.
     closed: VecDeque<(u64, Arc<OpenLog>)>,
+    /// With the commit log: the thread that writes the waiting lines to the user files.
+    writer: Option<Writer<FileKey>>,
 }
 
-/// How long a batch spends at most writing waiting lines that are merely old (lines a
-/// checkpoint waits for are written whatever it takes).
+/// How long a batch spends at most writing waiting lines that are merely old, when it writes
+/// them itself (no writer thread); lines a checkpoint waits for are written whatever it takes.
 const BEHIND_BUDGET: Duration = Duration::from_millis(2);
+
+/// Finished log generations that may wait for the writer thread before commits wait for it
+/// too (bounds the log at about this many generations while the disk lags).
+const MAX_CLOSED: usize = 3;
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
 /// only writer), so a commit needs no `fstat` to know where a rollback would cut back to.
@@ -477,12 +484,22 @@ fn user_state<'a>(
 
 impl Shard {
     pub fn new(mut cfg: ShardConfig) -> Self {
-        let cap = NonZeroUsize::new(cfg.open_files.max(1)).unwrap_or(NonZeroUsize::MIN);
         let wal = cfg.wal.take();
         let checkpointer = wal
             .as_ref()
             .map(|w| Checkpointer::start(cfg.data_dir.clone(), cfg.index, w.spare()));
+        // The writer thread's handles and the shard's (reads, compaction) share the bound.
+        let writer_files = cfg.open_files / 2;
+        let writer = wal
+            .as_ref()
+            .map(|_| Writer::start(cfg.index, writer_files.max(1)));
+        let own_files = match writer {
+            Some(_) => cfg.open_files - writer_files,
+            None => cfg.open_files,
+        };
+        let cap = NonZeroUsize::new(own_files.max(1)).unwrap_or(NonZeroUsize::MIN);
         Shard {
+            writer,
             wal,
             checkpointer,
             behind: Behind::new(),
@@ -599,6 +616,9 @@ impl Shard {
             s.finish();
         }
         self.write_all_behind();
+        if let Some(w) = &mut self.writer {
+            w.finish();
+        }
         if let (Some(wal), Some(c)) = (&self.wal, &mut self.checkpointer) {
             c.finish(wal.current());
         }
@@ -620,7 +640,11 @@ impl Shard {
     /// Hands finished generations to the checkpoint thread once none of their lines is still
     /// waiting for its user file (the checkpoint's `syncfs` must find them written).
     fn hand_over_closed(&mut self) {
-        let waiting = self.behind.oldest_generation();
+        let on_the_way = self.writer.as_ref().and_then(Writer::oldest_generation);
+        let waiting = match (self.behind.oldest_generation(), on_the_way) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         while let Some((g, _)) = self.closed.front() {
             if waiting.is_some_and(|w| w <= *g) {
                 return;
@@ -634,14 +658,15 @@ impl Shard {
         }
     }
 
-    /// After a commit and on ticks: writes to their user files the lines that waited
-    /// [`behind::AGE`] (within [`BEHIND_BUDGET`]), those of files with much waiting, and, once
-    /// a second finished generation waits, every line of the older ones; then hands over the
-    /// generations whose lines are all written.
+    /// After a commit and on ticks: hands the writer thread the lines that waited
+    /// [`behind::AGE`], those of files with much waiting, and, once a second finished generation
+    /// waits, every line of the older ones; then hands over the generations whose lines are all
+    /// written. Commits wait for the writer only when [`MAX_CLOSED`] generations wait for it.
     fn flush_behind(&mut self) {
+        self.collect_written();
         for key in std::mem::take(&mut self.behind_full) {
             if let Some(w) = self.behind.take(&key) {
-                let _ = self.write_waiting(key, w);
+                let _ = self.write_behind(key, w);
             }
         }
         if self.behind.is_empty() && self.closed.is_empty() {
@@ -654,10 +679,12 @@ impl Shard {
             0 | 1 => 0,
             n => self.closed[n - 2].0,
         };
+        let threaded = self.writer.as_ref().is_some_and(Writer::running);
         let mut in_budget = true;
         loop {
-            // Checked before every write: a new user's file can take milliseconds to create.
-            if in_budget && started.elapsed() >= BEHIND_BUDGET {
+            // Without a writer thread the shard writes the lines itself, checked before every
+            // write: a new user's file can take milliseconds to create.
+            if in_budget && !threaded && started.elapsed() >= BEHIND_BUDGET {
                 in_budget = false;
             }
             let before = if in_budget { aged } else { None };
@@ -665,9 +692,12 @@ impl Shard {
                 break;
             };
             // A failing file is retried at a later batch, not over and over in this one.
-            if self.write_waiting(key, w).is_err() {
+            if self.write_behind(key, w).is_err() {
                 break;
             }
+        }
+        if self.closed.len() >= MAX_CLOSED {
+            let _ = self.wait_written(None);
         }
         self.hand_over_closed();
     }
@@ -677,15 +707,54 @@ impl Shard {
     fn write_all_behind(&mut self) {
         for key in self.behind.keys() {
             if let Some(w) = self.behind.take(&key) {
-                let _ = self.write_waiting(key, w);
+                let _ = self.write_behind(key, w);
             }
         }
+        let _ = self.wait_written(None);
         self.hand_over_closed();
     }
 
-    /// Writes the lines waiting for one user file (creating its folder and file for a new
-    /// user). On failure the file is cut back and the lines wait again (the log still has
-    /// them).
+    /// Hands one file's waiting lines to the writer thread, or writes them here without one.
+    fn write_behind(&mut self, key: FileKey, w: behind::Waiting) -> Result<(), StoreError> {
+        let path = self.path_of(&key);
+        let back = match &mut self.writer {
+            Some(wr) => wr.send(key, path, w),
+            None => Err((key, w)),
+        };
+        match back {
+            Ok(()) => Ok(()),
+            Err((key, w)) => self.write_waiting(key, w),
+        }
+    }
+
+    /// Takes in what the writer thread has done: files' new lengths, failed lines back to wait.
+    fn collect_written(&mut self) {
+        let Some(w) = &mut self.writer else { return };
+        let files = &mut self.files;
+        w.collect(&mut self.behind, &mut |k, len| {
+            if let Some(f) = files.peek_mut(k) {
+                f.len = len;
+            }
+        });
+    }
+
+    /// Blocks until the writer thread has written every line of `keys` (of every file, for
+    /// `None`) it was handed; an error if some of them wait again after a failed write.
+    fn wait_written(&mut self, keys: Option<&[FileKey]>) -> Result<(), StoreError> {
+        let Some(w) = &mut self.writer else {
+            return Ok(());
+        };
+        let files = &mut self.files;
+        w.wait(keys, &mut self.behind, &mut |k, len| {
+            if let Some(f) = files.peek_mut(k) {
+                f.len = len;
+            }
+        })
+    }
+
+    /// Writes here the lines waiting for one user file (creating its folder and file for a
+    /// new user), when there is no writer thread. On failure the file is cut back and the
+    /// lines wait again (the log still has them).
     fn write_waiting(&mut self, key: FileKey, w: behind::Waiting) -> Result<(), StoreError> {
         let mut f = match self.take_file(&key) {
             Ok(f) => f,
@@ -718,13 +787,16 @@ impl Shard {
     /// Writes a user's waiting lines to its files (before they are read or the user's state
     /// is dropped).
     fn flush_user(&mut self, user: &str) -> Result<(), StoreError> {
-        for kind in [FileKind::Queue, FileKind::Index] {
-            let key = file_key(user, kind);
-            if let Some(w) = self.behind.take(&key) {
-                self.write_waiting(key, w)?;
+        let keys = [
+            file_key(user, FileKind::Queue),
+            file_key(user, FileKind::Index),
+        ];
+        for key in &keys {
+            if let Some(w) = self.behind.take(key) {
+                self.write_behind(key.clone(), w)?;
             }
         }
-        Ok(())
+        self.wait_written(Some(&keys))
     }
 
     /// Drops a user's state (reloaded from its files on next use), after writing its waiting
@@ -1247,7 +1319,8 @@ impl Shard {
                 continue;
             }
             let key = file_key(user, kind);
-            let at = match self.behind.end(&key) {
+            let on_the_way = self.writer.as_ref().and_then(|w| w.end(&key));
+            let at = match self.behind.end(&key).or(on_the_way) {
                 Some(end) => end,
                 None => self.file_len(&key)?,
             };
@@ -1624,8 +1697,16 @@ impl Shard {
             result = self.log_reset(user);
         }
         // The append handles would keep writing to the replaced files.
-        self.files.pop(&file_key(user, FileKind::Queue));
-        self.files.pop(&file_key(user, FileKind::Index));
+        let keys = vec![
+            file_key(user, FileKind::Queue),
+            file_key(user, FileKind::Index),
+        ];
+        for key in &keys {
+            self.files.pop(key);
+        }
+        if let Some(w) = &mut self.writer {
+            w.close_files(keys);
+        }
         if result.is_ok() && c.queue_changed {
             result = replace_file(&qp, &c.queue);
         }
@@ -1748,7 +1829,7 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 
 /// The same error again, for each of several waiting writes (`StoreError` is not `Clone`: an
 /// I/O error keeps its kind, path and message).
-fn copy_err(e: &StoreError) -> StoreError {
+pub(crate) fn copy_err(e: &StoreError) -> StoreError {
     let (kind, msg, path) = match e {
         StoreError::Io { path, source } => (source.kind(), source.to_string(), path.clone()),
         other => (std::io::ErrorKind::Other, other.to_string(), PathBuf::new()),
