@@ -345,6 +345,7 @@ fn open<K: Hash + Eq>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::file::shard::fault;
