@@ -442,8 +442,9 @@ pub(crate) struct Shard {
 const BEHIND_BUDGET: Duration = Duration::from_millis(2);
 
 /// Finished log generations that may wait for the writer thread before commits wait for it
-/// too (bounds the log at about this many generations while the disk lags).
-const MAX_CLOSED: usize = 3;
+/// too (bounds the log at about this many generations, 32 MB each, while the disk lags: a first
+/// burst of new users on a slow disk takes the writer seconds of file creation).
+const MAX_CLOSED: usize = 6;
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
 /// only writer), so a commit needs no `fstat` to know where a rollback would cut back to.
@@ -697,7 +698,14 @@ impl Shard {
             }
         }
         if self.closed.len() >= MAX_CLOSED {
+            let t = Instant::now();
             let _ = self.wait_written(None);
+            tracing::warn!(
+                shard = self.cfg.index,
+                generations = self.closed.len(),
+                waited_ms = t.elapsed().as_millis() as u64,
+                "commits waited for the user-file writer (the disk is slower than the messages)"
+            );
         }
         self.hand_over_closed();
     }
