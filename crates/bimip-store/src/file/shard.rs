@@ -700,12 +700,15 @@ impl Shard {
         if self.closed.len() >= MAX_CLOSED {
             let t = Instant::now();
             let _ = self.wait_written(None);
-            tracing::warn!(
-                shard = self.cfg.index,
-                generations = self.closed.len(),
-                waited_ms = t.elapsed().as_millis() as u64,
-                "commits waited for the user-file writer (the disk is slower than the messages)"
-            );
+            let waited = t.elapsed();
+            if waited >= SLOW_BATCH / 10 {
+                tracing::warn!(
+                    shard = self.cfg.index,
+                    generations = self.closed.len(),
+                    waited_ms = waited.as_millis() as u64,
+                    "commits waited for the user-file writer (the disk is slower than the messages)"
+                );
+            }
         }
         self.hand_over_closed();
     }
