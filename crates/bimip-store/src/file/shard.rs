@@ -468,6 +468,15 @@ fn file_key(user: &str, kind: FileKind) -> FileKey {
     (user.to_string(), kind)
 }
 
+/// Keeps a cached handle's length right once the writer thread has appended to its file.
+fn new_length(files: &mut LruCache<FileKey, OpenFile>) -> impl FnMut(&FileKey, u64) + '_ {
+    |key, len| {
+        if let Some(f) = files.peek_mut(key) {
+            f.len = len;
+        }
+    }
+}
+
 /// Gets a user's state, loading it from its files on first touch.
 fn user_state<'a>(
     users: &'a mut LruCache<String, UserQueue>,
@@ -741,12 +750,7 @@ impl Shard {
     /// Takes in what the writer thread has done: files' new lengths, failed lines back to wait.
     fn collect_written(&mut self) {
         let Some(w) = &mut self.writer else { return };
-        let files = &mut self.files;
-        w.collect(&mut self.behind, &mut |k, len| {
-            if let Some(f) = files.peek_mut(k) {
-                f.len = len;
-            }
-        });
+        w.collect(&mut self.behind, &mut new_length(&mut self.files));
     }
 
     /// Blocks until the writer thread has written every line of `keys` (of every file, for
@@ -755,12 +759,7 @@ impl Shard {
         let Some(w) = &mut self.writer else {
             return Ok(());
         };
-        let files = &mut self.files;
-        w.wait(keys, &mut self.behind, &mut |k, len| {
-            if let Some(f) = files.peek_mut(k) {
-                f.len = len;
-            }
-        })
+        w.wait(keys, &mut self.behind, &mut new_length(&mut self.files))
     }
 
     /// Writes here the lines waiting for one user file (creating its folder and file for a
@@ -795,8 +794,8 @@ impl Shard {
         }
     }
 
-    /// Writes a user's waiting lines to its files (before they are read or the user's state
-    /// is dropped).
+    /// Writes a user's waiting lines to its files and waits until they are there (before the
+    /// files are read or the user's state is dropped).
     fn flush_user(&mut self, user: &str) -> Result<(), StoreError> {
         let keys = [
             file_key(user, FileKind::Queue),
@@ -1765,10 +1764,15 @@ impl Shard {
     fn trim(&mut self) {
         let cap = self.cfg.cache_users.max(1);
         while self.users.len() > cap {
-            if let Some((user, _)) = self.users.pop_lru()
-                && let Err(e) = self.flush_user(&user)
-            {
-                tracing::error!(user, error = %e, "could not write a user's logged lines; the next start writes them back");
+            let Some((user, q)) = self.users.pop_lru() else {
+                break;
+            };
+            if let Err(e) = self.flush_user(&user) {
+                // Reloaded from files that lack those lines, the user would hand out their
+                // offsets again: it stays in memory until they are written.
+                tracing::error!(user, error = %e, "could not write a user's logged lines; the user stays cached until they are written");
+                self.users.put(user, q);
+                break;
             }
         }
         while self.profiles.len() > cap {

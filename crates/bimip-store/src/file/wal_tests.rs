@@ -558,3 +558,36 @@ async fn a_user_file_that_cannot_be_written_keeps_its_lines_waiting_and_logged()
     assert_eq!(ids(conversation(&s3, "bob", "alice").await), ["m1", "m2"]);
     s3.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_user_whose_lines_cannot_be_written_stays_cached_and_keeps_its_offsets() {
+    let live = TempDir::new().unwrap();
+    let d = live.path();
+    // One cached user: every other user's message evicts bob.
+    let s = FileStore::open(StoreConfig {
+        shards: 1,
+        cache_users: 1,
+        ..StoreConfig::new(d)
+    })
+    .unwrap()
+    .0;
+    assert_eq!(send(&s, "alice", "bob", "m1").await.offset, 1);
+    s.write_behind().await;
+    let qp = queue_path(d, "bob");
+    fault::fail_writes(&qp, 0, std::io::ErrorKind::StorageFull);
+    assert_eq!(send(&s, "alice", "bob", "m2").await.offset, 2);
+    // Carol's message would evict bob, whose m2 is not in his file: he stays.
+    send(&s, "alice", "carol", "c1").await;
+    assert_eq!(send(&s, "alice", "bob", "m3").await.offset, 3);
+    fault::clear(&qp);
+    let ids = |c: Vec<(u64, String, bool)>| c.into_iter().map(|x| x.1).collect::<Vec<_>>();
+    assert_eq!(
+        ids(conversation(&s, "bob", "alice").await),
+        ["m1", "m2", "m3"]
+    );
+    s.shutdown().await;
+    let (s2, _) = FileStore::open(StoreConfig::new(d)).unwrap();
+    let offsets = |c: Vec<(u64, String, bool)>| c.into_iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(offsets(conversation(&s2, "bob", "alice").await), [1, 2, 3]);
+    s2.shutdown().await;
+}
