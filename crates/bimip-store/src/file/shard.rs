@@ -809,6 +809,16 @@ impl Shard {
         self.wait_written(Some(&keys))
     }
 
+    /// Before a user not in memory is loaded from its files: its logged lines still waiting
+    /// for them (left after a failed write) are written first, or the load fails. Loaded
+    /// without them, the user would hand out their offsets again.
+    fn loadable(&mut self, user: &str) -> Result<(), StoreError> {
+        if self.writer.is_none() || self.users.contains(user) {
+            return Ok(());
+        }
+        self.flush_user(user)
+    }
+
     /// Drops a user's state (reloaded from its files on next use), after writing its waiting
     /// lines to them.
     fn forget_user(&mut self, user: &str) {
@@ -903,7 +913,10 @@ impl Shard {
                 reply,
                 copy,
             } => {
-                let state = match user_state(&mut self.users, &self.cfg.data_dir, &user) {
+                let state = match self
+                    .loadable(&user)
+                    .and_then(|()| user_state(&mut self.users, &self.cfg.data_dir, &user))
+                {
                     Ok(s) => s,
                     Err(e) => {
                         if let Some(c) = copy {
@@ -946,7 +959,10 @@ impl Shard {
                 true
             }
             Cmd::Ack { user, req, reply } => {
-                let state = match user_state(&mut self.users, &self.cfg.data_dir, &user) {
+                let state = match self
+                    .loadable(&user)
+                    .and_then(|()| user_state(&mut self.users, &self.cfg.data_dir, &user))
+                {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -981,7 +997,10 @@ impl Shard {
                 // Like every read, it sees only durable state: an acknowledgement still waiting
                 // in this batch must not hide a message from the push pipeline.
                 self.make_durable(&user);
-                let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|q| q.unread());
+                let r = self
+                    .loadable(&user)
+                    .and_then(|()| user_state(&mut self.users, &self.cfg.data_dir, &user))
+                    .map(|q| q.unread());
                 let _ = reply.send(r);
                 false
             }
@@ -997,7 +1016,10 @@ impl Shard {
             Cmd::Compact { user, reply } => {
                 // Lines of this batch must reach the old files before they are replaced.
                 self.commit();
-                let r = user_state(&mut self.users, &self.cfg.data_dir, &user).map(|_| ());
+                let r = self
+                    .loadable(&user)
+                    .and_then(|()| user_state(&mut self.users, &self.cfg.data_dir, &user))
+                    .map(|_| ());
                 let r = r.and_then(|()| self.compact_user(&user, now));
                 let _ = reply.send(r);
                 false
@@ -1663,7 +1685,10 @@ impl Shard {
             self.maint.due_set.remove(&user);
             let cached = self.users.contains(&user);
             // A user found by recovery is loaded first (at most one load per round).
-            let due = match user_state(&mut self.users, &self.cfg.data_dir, &user) {
+            let due = match self
+                .loadable(&user)
+                .and_then(|()| user_state(&mut self.users, &self.cfg.data_dir, &user))
+            {
                 Ok(q) => q.needs_compaction(now, &limits),
                 Err(e) => {
                     tracing::error!(user, error = %e, "could not load a user for compaction");

@@ -591,3 +591,38 @@ async fn a_user_whose_lines_cannot_be_written_stays_cached_and_keeps_its_offsets
     assert_eq!(offsets(conversation(&s2, "bob", "alice").await), [1, 2, 3]);
     s2.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_user_reloaded_while_its_lines_cannot_be_written_waits_for_them() {
+    let (live, s) = held_store_after_m1().await;
+    let d = live.path();
+    let qp = queue_path(d, "bob");
+    fault::fail_writes(&qp, 0, std::io::ErrorKind::StorageFull);
+    assert_eq!(send(&s, "alice", "bob", "m2").await.offset, 2);
+    // The log write of m3's batch fails too: bob's memory is dropped, his m2 still not in his
+    // file.
+    let log = d.join("wal").join("shard-0.0000000001.log");
+    fault::fail_next_write(&log, 10, std::io::ErrorKind::StorageFull);
+    let r = s
+        .enqueue_append("bob", chat("alice", "bob", "m3"))
+        .await
+        .unwrap()
+        .wait()
+        .await;
+    assert!(matches!(r, Err(StoreError::Io { .. })), "{r:?}");
+    // Reloading bob from a file without m2 would give m4 offset 2: it is refused instead.
+    let r = s.enqueue_append("bob", chat("alice", "bob", "m4")).await;
+    let refused = match r {
+        Ok(p) => matches!(p.wait().await, Err(StoreError::Io { .. })),
+        Err(e) => matches!(e, StoreError::Io { .. }),
+    };
+    assert!(refused, "bob cannot be loaded while m2 is not in his file");
+    fault::clear(&qp);
+    assert_eq!(send(&s, "alice", "bob", "m5").await.offset, 3);
+    let ids = |c: Vec<(u64, String, bool)>| c.into_iter().map(|x| (x.0, x.1)).collect::<Vec<_>>();
+    assert_eq!(
+        ids(conversation(&s, "bob", "alice").await),
+        [(1, "m1".into()), (2, "m2".into()), (3, "m5".into())]
+    );
+    s.shutdown().await;
+}
