@@ -442,9 +442,9 @@ pub(crate) struct Shard {
 const BEHIND_BUDGET: Duration = Duration::from_millis(2);
 
 /// Finished log generations that may wait for the writer thread before commits wait for it
-/// too: about 200 MB of log while the disk lags (a first burst of new users on a slow disk takes
-/// the writer seconds of file creation).
-const MAX_CLOSED: usize = (200 << 20) / wal::GENERATION_BYTES as usize;
+/// too (bounds the log at about this many generations, 32 MB each, while the disk lags: a first
+/// burst of new users on a slow disk takes the writer seconds of file creation).
+const MAX_CLOSED: usize = 6;
 
 /// A cached append handle and the file's length as this shard last left it (the shard is the
 /// only writer), so a commit needs no `fstat` to know where a rollback would cut back to.

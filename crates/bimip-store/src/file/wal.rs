@@ -70,10 +70,7 @@ fn spare_name(shard: usize) -> String {
 
 /// A commit log generation this large is checkpointed (a new one started, the old one's user
 /// files synced, its file recycled or deleted): bounds the log's disk use and the replay at start.
-/// Small enough that one checkpoint's `syncfs` (the user-file lines of one generation) does not
-/// flood the disk in front of the log's own flushes: at 10,000 msg/s, 8 MB instead of 32 MB cut
-/// the p99 of steady runs by about half (docs/BENCHMARKS.md).
-pub(crate) const GENERATION_BYTES: u64 = 8 << 20;
+pub(crate) const GENERATION_BYTES: u64 = 32 << 20;
 
 /// What a spare is written ahead to: a full generation plus room for the commit that crosses the
 /// limit.
@@ -83,7 +80,7 @@ const PREALLOC_BYTES: u64 = GENERATION_BYTES + (1 << 20);
 const PREALLOC_BYTES: u64 = 256 << 10;
 
 /// A generation that grew its file past this is a busy shard's: its spare is written ahead (an
-/// idle store, or a test's, never writes a generation's worth of zeros).
+/// idle store, or a test's, never writes 32 MB of zeros).
 #[cfg(not(test))]
 pub(crate) const PREALLOC_AFTER: u64 = 1 << 20;
 #[cfg(test)]
@@ -380,7 +377,7 @@ impl Checkpointer {
     }
 
     /// Asks for a written-ahead spare (nothing without a thread: the shard must not wait for
-    /// a generation's worth of writes).
+    /// 32 MB of writes).
     pub fn ask_spare(&self) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Job::Spare);
@@ -466,7 +463,7 @@ fn write_ahead(path: &Path) {
     }
 }
 
-/// Writes zeros from `from` to `to` and syncs them, 1 MB at a time: one 9 MB flush would hold
+/// Writes zeros from `from` to `to` and syncs them, 1 MB at a time: one 33 MB flush would hold
 /// the disk's queue long enough to delay the commits' own log flushes.
 fn fill_zeros(f: &File, from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
