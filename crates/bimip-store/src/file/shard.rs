@@ -20,7 +20,7 @@ use super::behind::{self, Behind};
 use super::profile::{self, Durability, Edit, Edited, StoredProfile, profile_path};
 use super::queue::{Limits, Lines, UserQueue};
 use super::recovery::{io_err, load_user};
-use super::wal::{self, Checkpointer, OpenLog, Wal};
+use super::wal::{self, Checkpointer, OpenLog, Wal, Written};
 use super::writer::Writer;
 use super::{FsyncMode, StoreObserver, index_path, queue_path};
 use crate::{
@@ -495,14 +495,15 @@ fn user_state<'a>(
 impl Shard {
     pub fn new(mut cfg: ShardConfig) -> Self {
         let wal = cfg.wal.take();
-        let checkpointer = wal
-            .as_ref()
-            .map(|w| Checkpointer::start(cfg.data_dir.clone(), cfg.index, w.spare()));
+        let written = Written::default();
+        let checkpointer = wal.as_ref().map(|w| {
+            Checkpointer::start(cfg.data_dir.clone(), cfg.index, w.spare(), written.clone())
+        });
         // The writer thread's handles and the shard's (reads, compaction) share the bound.
         let writer_files = cfg.open_files / 2;
         let writer = wal
             .as_ref()
-            .map(|_| Writer::start(cfg.index, writer_files.max(1)));
+            .map(|_| Writer::start(cfg.index, writer_files.max(1), Some(written)));
         let own_files = match writer {
             Some(_) => cfg.open_files - writer_files,
             None => cfg.open_files,

@@ -294,6 +294,10 @@ pub(crate) fn encode_reset(generation: u64, user: &str) -> Vec<u8> {
     })
 }
 
+/// The user files written since the last checkpoint began: the writer thread adds each file it
+/// writes, the checkpoint thread takes them (see [`flush_written`]).
+pub(crate) type Written = Arc<std::sync::Mutex<HashSet<PathBuf>>>;
+
 /// Runs checkpoints for one shard: one `syncfs` makes every user-file write of the handed-over
 /// generations durable, then those logs are recycled (one, as the shard's spare) or deleted. A
 /// failed `syncfs` keeps the logs and is retried; logs left at a crash are replayed at the next
@@ -303,6 +307,7 @@ pub(crate) struct Checkpointer {
     thread: Option<std::thread::JoinHandle<()>>,
     spare: Spare,
     shard: usize,
+    written: Written,
 }
 
 /// What the checkpoint thread is asked to do.
@@ -316,9 +321,10 @@ enum Job {
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 impl Checkpointer {
-    pub fn start(data_dir: PathBuf, shard: usize, spare: Spare) -> Checkpointer {
+    pub fn start(data_dir: PathBuf, shard: usize, spare: Spare, written: Written) -> Checkpointer {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let slot = spare.clone();
+        let files = written.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bimip-store-checkpoint-{shard}"))
             .spawn(move || {
@@ -331,7 +337,7 @@ impl Checkpointer {
                             Ok(l) => Some(l),
                             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                                checkpoint(&data_dir, shard, &slot, &mut pending, false);
+                                checkpoint(&data_dir, shard, &slot, &files, &mut pending, false);
                                 return;
                             }
                         }
@@ -346,7 +352,7 @@ impl Checkpointer {
                             Job::Spare => spare_asked = true,
                         }
                     }
-                    checkpoint(&data_dir, shard, &slot, &mut pending, true);
+                    checkpoint(&data_dir, shard, &slot, &files, &mut pending, true);
                     if spare_asked {
                         prepare_spare(&data_dir, shard, &slot);
                     }
@@ -358,6 +364,7 @@ impl Checkpointer {
             thread,
             spare,
             shard,
+            written,
         }
     }
 
@@ -373,7 +380,14 @@ impl Checkpointer {
             },
             None => log,
         };
-        checkpoint(data_dir, self.shard, &self.spare, &mut vec![log], true);
+        checkpoint(
+            data_dir,
+            self.shard,
+            &self.spare,
+            &self.written,
+            &mut vec![log],
+            true,
+        );
     }
 
     /// Asks for a written-ahead spare (nothing without a thread: the shard must not wait for
@@ -400,21 +414,29 @@ impl Checkpointer {
     }
 }
 
-/// One checkpoint: `syncfs`, then the logs are recycled (the first, if the shard has no spare)
-/// or deleted, in order, and that made durable. A failure keeps the log it failed on and every
-/// later one for the next try: a newer log must never outlive an older one of the same shard
-/// (its compaction resets assume the older records are gone or replayed first).
+/// One checkpoint: the user files written since the last one are flushed one at a time, then
+/// one `syncfs`, then the logs are recycled (the first, if the shard has no spare) or deleted, in
+/// order, and that made durable. A failure keeps the log it failed on and every later one for
+/// the next try: a newer log must never outlive an older one of the same shard (its compaction
+/// resets assume the older records are gone or replayed first).
 fn checkpoint(
     data_dir: &Path,
     shard: usize,
     spare: &Spare,
+    written: &Written,
     logs: &mut Vec<Arc<OpenLog>>,
     recycle: bool,
 ) {
     if logs.is_empty() {
         return;
     }
-    if let Err(e) = super::profile::syncfs(data_dir) {
+    // Opened before the files are flushed: a write-back error from then on is reported by this
+    // `syncfs`, even one that a file's own flush below has reported already.
+    let synced = File::open(data_dir).and_then(|d| {
+        flush_written(written);
+        rustix::fs::syncfs(&d).map_err(std::io::Error::from)
+    });
+    if let Err(e) = synced {
         tracing::error!(error = %e, logs = logs.len(), "store checkpoint: syncfs failed; the commit logs are kept and the checkpoint retried");
         return;
     }
@@ -444,6 +466,20 @@ fn checkpoint(
     logs.drain(..done);
     if let Err(e) = sync_dir(&dir) {
         tracing::error!(error = %e, "store checkpoint: fsync of the wal folder failed");
+    }
+}
+
+/// Flushes the user files written since the last checkpoint, one `fdatasync` at a time, so that
+/// the checkpoint's `syncfs` finds little left to write. Only pacing: one `syncfs` over tens of
+/// MB of dirty pages holds the disk's queue for up to seconds in front of the commits' log
+/// flushes, one small file at a time does not. What makes the checkpoint durable is still the
+/// `syncfs` after it, so a file that cannot be opened or flushed here is left to it.
+fn flush_written(written: &Written) {
+    let files = std::mem::take(&mut *written.lock().unwrap_or_else(|p| p.into_inner()));
+    for path in files {
+        if let Ok(f) = File::open(&path) {
+            let _ = f.sync_data();
+        }
     }
 }
 
@@ -910,6 +946,20 @@ mod tests {
         let wal = wal_dir(&d);
         fs::create_dir_all(&wal).unwrap();
         (dir, d, wal)
+    }
+
+    #[test]
+    fn the_files_written_since_a_checkpoint_are_flushed_and_forgotten_even_if_gone() {
+        let (_dir, d, _wal) = data_dir();
+        let q = alice_queue(&d, b"line\n");
+        let written = Written::default();
+        written
+            .lock()
+            .unwrap()
+            .extend([q.clone(), d.join("deleted-meanwhile.dat")]);
+        flush_written(&written);
+        assert!(written.lock().unwrap().is_empty());
+        assert_eq!(fs::read(&q).unwrap(), b"line\n");
     }
 
     /// Writes `data` as alice's queue file (its folder created).

@@ -22,6 +22,7 @@ use lru::LruCache;
 use super::behind::{Behind, Waiting};
 use super::recovery::io_err;
 use super::shard::{copy_err, write_checked};
+use super::wal::Written;
 use crate::StoreError;
 
 /// What the shard asks the thread to do.
@@ -71,13 +72,14 @@ pub(crate) struct Writer<K> {
 
 impl<K: Hash + Eq + Clone + Send + 'static> Writer<K> {
     /// Starts the thread, which keeps at most `open_files` handles open.
-    pub fn start(shard: usize, open_files: usize) -> Writer<K> {
+    /// `written`: where each file written is noted for the checkpoint (see [`super::wal`]).
+    pub fn start(shard: usize, open_files: usize, written: Option<Written>) -> Writer<K> {
         let (tx, tasks) = channel();
         let (done, rx) = channel();
         let cap = NonZeroUsize::new(open_files.max(1)).unwrap_or(NonZeroUsize::MIN);
         let thread = std::thread::Builder::new()
             .name(format!("bimip-store-writer-{shard}"))
-            .spawn(move || run(tasks, done, cap))
+            .spawn(move || run(tasks, done, cap, written))
             .map_err(|e| tracing::error!(error = %e, "could not start a user-file writer thread"))
             .ok();
         Writer {
@@ -242,6 +244,7 @@ fn run<K: Hash + Eq + Clone>(
     tasks: Receiver<Task<K>>,
     done: Sender<Outcome<K>>,
     cap: NonZeroUsize,
+    written: Option<Written>,
 ) {
     let mut files: LruCache<K, Open> = LruCache::new(cap);
     // Files whose last write failed and was cut back: later writes handed over before the shard
@@ -259,11 +262,19 @@ fn run<K: Hash + Eq + Clone>(
             }
         };
         let out = match write(&mut files, &mut cut, &key, &path, &w) {
-            Ok(len) => Outcome::Written {
-                key,
-                generation: w.generation,
-                len,
-            },
+            Ok(len) => {
+                if let Some(written) = &written {
+                    let mut set = written.lock().unwrap_or_else(|p| p.into_inner());
+                    if !set.contains(&path) {
+                        set.insert(path);
+                    }
+                }
+                Outcome::Written {
+                    key,
+                    generation: w.generation,
+                    len,
+                }
+            }
             Err(error) => Outcome::Failed { key, w, error },
         };
         if done.send(out).is_err() {
@@ -368,7 +379,7 @@ mod tests {
     fn a_failed_write_and_those_behind_it_wait_again_as_one_run() {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("new-folder").join("q.dat");
-        let mut w: Writer<&'static str> = Writer::start(0, 2);
+        let mut w: Writer<&'static str> = Writer::start(0, 2, None);
         let mut behind = Behind::new();
         let mut lens = Vec::new();
         hand(&mut w, &mut behind, &path, 0, 1, b"one\n");
@@ -408,5 +419,21 @@ mod tests {
         assert_eq!(lens, [4, 19]);
         w.finish();
         fault::clear(&path);
+    }
+
+    #[test]
+    fn each_file_written_is_noted_once_for_the_next_checkpoint() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("q.dat");
+        let written = Written::default();
+        let mut w: Writer<&'static str> = Writer::start(0, 2, Some(written.clone()));
+        let mut behind = Behind::new();
+        hand(&mut w, &mut behind, &path, 0, 1, b"one\n");
+        hand(&mut w, &mut behind, &path, 4, 1, b"two\n");
+        w.wait(None, &mut behind, &mut |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
+        let noted: Vec<PathBuf> = written.lock().unwrap().iter().cloned().collect();
+        assert_eq!(noted, [path]);
+        w.finish();
     }
 }
