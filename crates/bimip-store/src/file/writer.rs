@@ -264,10 +264,10 @@ fn run<K: Hash + Eq + Clone>(
         let out = match write(&mut files, &mut cut, &key, &path, &w) {
             Ok(len) => {
                 if let Some(written) = &written {
-                    let mut set = written.lock().unwrap_or_else(|p| p.into_inner());
-                    if !set.contains(&path) {
-                        set.insert(path);
-                    }
+                    written
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(path);
                 }
                 Outcome::Written {
                     key,
